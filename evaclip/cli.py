@@ -1,0 +1,182 @@
+"""The `evaclip` command line: one verb per pipeline stage.
+
+Every verb reads the same configuration (`--params params.yaml`, or `--profile NAME` for
+`configs/NAME.yaml`, plus repeated `-s key.path=value` overrides) and calls the same library
+function that the Prefect flows and `dvc.yaml` call.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from .config import Params, load_params, profile_path
+from .errors import EvaclipError, NotYetAvailableError
+
+app = typer.Typer(
+    help="Train EVA-CLIP models and ship them through a model registry.\n\n"
+    "Stages: prepare -> init -> train -> evaluate -> promote (or all of them: pipeline).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Show or switch the configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+out = Console()
+err = Console(stderr=True)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file (DVC tracks params.yaml).")]
+ProfileOpt = Annotated[
+    Optional[str], typer.Option("--profile", help="Use configs/NAME.yaml instead of --params, e.g. eva02-clip-b16.")
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override one value, KEY.PATH=VALUE (repeatable), e.g. -s train.lr=1e-3."),
+]
+
+
+def _load(params: Path, profile: Optional[str], overrides: Optional[list[str]]) -> Params:
+    path = profile_path(profile) if profile else params
+    return load_params(path, overrides or [])
+
+
+def _reports_errors(command):
+    """Print an EvaclipError as one clear message (no traceback) and exit with its code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except EvaclipError as error:
+            err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(error.exit_code) from None
+
+    return wrapper
+
+
+def _not_yet(stage: str, issue: str) -> None:
+    raise NotYetAvailableError(f"`evaclip {stage}` is not yet available: it lands with the {issue} issue")
+
+
+@app.command()
+@_reports_errors
+def prepare(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None):
+    """Turn the data source (data.source) into versioned webdataset shards under data/."""
+    _load(params, profile, set_)
+    _not_yet("prepare", "data")
+
+
+@app.command()
+@_reports_errors
+def init(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None):
+    """Build the model and load EVA weights into the vision tower and CLIP weights into the text tower.
+
+    Writes init.output_dir/model.safetensors and init_report.json (loaded / new / reshaped / dropped keys).
+    Weights that do not fit the architecture fail with the list of mismatches, and nothing is written.
+    """
+    from .init import initialize
+
+    cfg = _load(params, profile, set_)
+    result = initialize(cfg)
+    out.print(result.report.table())
+    counts = result.report.counts()
+    out.print(f"initialized {cfg.model.name}: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
+    out.print(f"checkpoint: {result.checkpoint}\nreport:     {result.report_path}")
+
+
+@app.command()
+@_reports_errors
+def train(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None):
+    """Train with DeepSpeed (ZeRO-1, LAMB, token masking) from the initialized checkpoint."""
+    _load(params, profile, set_)
+    _not_yet("train", "training engine")
+
+
+@app.command()
+@_reports_errors
+def evaluate(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None):
+    """Zero-shot classification (class names x prompt templates) and retrieval on the evaluation sets."""
+    _load(params, profile, set_)
+    _not_yet("evaluate", "evaluation and registry")
+
+
+@app.command()
+@_reports_errors
+def promote(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None):
+    """Register the evaluated model in MLflow; move the `champion` alias only if it is better."""
+    _load(params, profile, set_)
+    _not_yet("promote", "evaluation and registry")
+
+
+@app.command()
+@_reports_errors
+def pipeline(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None):
+    """Run every stage in order: prepare, init, train, evaluate, promote."""
+    _load(params, profile, set_)
+    _not_yet("pipeline", "orchestration")
+
+
+@app.command()
+@_reports_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A model checkpoint (e.g. outputs/init/model.safetensors).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the open_clip model into.")] = Path(
+        "outputs/export"
+    ),
+    name: Annotated[Optional[str], typer.Option(help="Model name in the config (default: MODEL-PROFILE).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+):
+    """Write a checkpoint as an open_clip model (config JSON + safetensors weights).
+
+    Load it with open_clip.create_model_and_transforms("local-dir:OUT").
+    """
+    from .export import export_open_clip
+
+    cfg = _load(params, profile, set_)
+    result = export_open_clip(cfg, checkpoint, out_dir, name)
+    out.print(f"exported {result.model_name} to {result.directory}")
+    out.print(f'load it with: open_clip.create_model_and_transforms("local-dir:{result.directory}")')
+
+
+@config_app.command("show")
+@_reports_errors
+def config_show(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None):
+    """Print the resolved configuration (after --profile and -s overrides) as YAML."""
+    import yaml
+
+    cfg = _load(params, profile, set_)
+    out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="", highlight=False)
+
+
+@config_app.command("use")
+@_reports_errors
+def config_use(
+    profile: Annotated[str, typer.Argument(help="A profile from configs/, e.g. eva02-clip-b16.")],
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Make a profile the active params file (what DVC and the pipeline read)."""
+    source = profile_path(profile)
+    load_params(source)  # never install a profile that does not validate
+    if params.exists():
+        backup = params.with_suffix(params.suffix + ".bak")
+        shutil.copyfile(params, backup)
+        out.print(f"previous {params} kept as {backup}")
+    shutil.copyfile(source, params)
+    out.print(f"{params} now holds profile {profile!r}")
+
+
+def main() -> None:  # pragma: no cover - `python -m evaclip.cli`
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,194 @@
+"""The configuration: one typed tree, read from `params.yaml` (which DVC tracks too).
+
+`load_params(path, overrides)` is the only way in. It fails before any work starts, with
+an error that names the file and the key path, when the file is missing, a key is unknown,
+or a value has the wrong type.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must never silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("evaclip-demo", description="open_clip model config: one of ours or open_clip's")
+    token_masking: float = Field(0.0, description="fraction of image tokens dropped in training (FLIP)")
+    attention: Literal["sdpa", "flash_attn", "math"] = "sdpa"
+    grad_checkpointing: bool = False
+
+    @field_validator("token_masking")
+    @classmethod
+    def _masking_in_range(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError("must be in [0, 1): the CLS token and at least one patch are always kept")
+        return value
+
+
+class InitConfig(_Section):
+    vision: Optional[Path] = Field(None, description="EVA / EVA-02 weights for the vision tower")
+    vision_format: Literal["auto", "timm", "eva", "clip"] = "auto"
+    text: Optional[Path] = Field(None, description="OpenAI CLIP or open_clip weights for the text tower")
+    text_format: Literal["auto", "openai", "open_clip", "hf"] = "auto"
+    allow_missing: list[str] = Field(
+        default_factory=list,
+        description="glob patterns of model keys you accept to start from random init",
+    )
+    output_dir: Path = Path("outputs/init")
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    source: Literal["fashion_mnist", "image_folder", "pairs", "wds"] = "fashion_mnist"
+    path: Optional[Path] = None
+    output_dir: Path = Path("data")
+
+
+class TrainConfig(_Section):
+    optimizer: Literal["lamb", "adamw"] = "lamb"
+    lr: float = Field(5e-4, gt=0, description="learning rate of parameters outside both towers")
+    visual_lr: Optional[float] = Field(None, gt=0, description="vision tower; defaults to lr")
+    text_lr: Optional[float] = Field(None, gt=0, description="text tower; defaults to lr")
+    weight_decay: float = Field(0.05, ge=0)
+    visual_weight_decay: Optional[float] = Field(None, ge=0)
+    text_weight_decay: Optional[float] = Field(None, ge=0)
+    visual_layer_decay: float = Field(1.0, gt=0, le=1)
+    text_layer_decay: float = Field(1.0, gt=0, le=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.98, ge=0, lt=1)
+    eps: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(2000, ge=0)
+    steps: int = Field(..., gt=0)
+    batch_size: int = Field(..., gt=0, description="samples per device per step")
+    devices: int = Field(1, gt=0, description="processes per node (GPUs, or CPU processes)")
+    nodes: int = Field(1, gt=0)
+    grad_accum_steps: int = Field(1, gt=0)
+    grad_clip: Optional[float] = Field(5.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: int = Field(1, ge=0, le=3)
+    unmasked_tuning_steps: int = Field(0, ge=0, description="FLIP: last N steps without token masking")
+    seed: int = 0
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.devices * self.nodes * self.grad_accum_steps
+
+    @model_validator(mode="after")
+    def _tuning_fits(self) -> "TrainConfig":
+        if self.unmasked_tuning_steps > self.steps:
+            raise ValueError(f"unmasked_tuning_steps ({self.unmasked_tuning_steps}) exceeds steps ({self.steps})")
+        return self
+
+
+class Params(_Section):
+    """Everything one pipeline run needs."""
+
+    profile: str = Field("custom", description="name of the profile these values came from")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig
+
+
+def profile_path(name: str) -> Path:
+    """The file of a named profile (`configs/<name>.yaml`)."""
+    path = PROFILES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        available = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))) or "none"
+        raise ConfigError(f"unknown profile {name!r}: available profiles are {available} (in {PROFILES_DIR})")
+    return path
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> Params:
+    """Read a params file, apply `key.path=value` overrides, and validate the result."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    for override in overrides:
+        _apply_override(raw, override, path)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe_validation_error(err, path, overrides)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (pass --params, or --profile with one of configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r}: expected KEY.PATH=VALUE, e.g. -s train.lr=1e-3")
+    parts = key.strip().split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"override {override!r}: {where} in {path} is a value, not a section")
+        node = child
+    # YAML parsing gives `1e-3` a float, `true` a bool and `[a, b]` a list, as in the file itself.
+    node[parts[-1]] = _parse_value(text)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # PyYAML reads `1e-3` as a string (YAML 1.1 wants a dot); users mean a number.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _describe_validation_error(err: ValidationError, path: Path, overrides: Sequence[str]) -> str:
+    lines = [f"{path}: invalid configuration ({err.error_count()} problem(s))"]
+    for problem in err.errors():
+        loc = tuple(part for part in problem["loc"] if not isinstance(part, int))
+        key_path = ".".join(str(part) for part in loc)
+        origin = next((f" [set by -s {o}]" for o in overrides if o.partition("=")[0].strip() == key_path), "")
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {key_path}: unknown key{_suggestion(loc)}{origin}")
+        elif problem["type"] == "missing":
+            lines.append(f"  {key_path}: required key is missing")
+        else:
+            lines.append(f"  {key_path}: {problem['msg']} (got {problem.get('input')!r}){origin}")
+    return "\n".join(lines)
+
+
+def _suggestion(loc: tuple) -> str:
+    """' (did you mean ...?)' from the valid keys of the section that holds the unknown key."""
+    section: type[BaseModel] = Params
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        section = annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(section.model_fields)})"

@@ -1,0 +1,53 @@
+"""EVA-02 vision towers of our own sizes, registered with timm.
+
+open_clip's timm adapter passes only a model *name* to `timm.create_model` (no image size or
+width), so every tower size must exist as a registered timm variant. These follow timm's
+`eva02_base_patch16_clip_224` exactly (SwiGLU MLP with sub-LN, attention sub-LN, rotary position
+embeddings, CLS-token pooling) and only change the size: the demo trains on a 2-core CPU.
+
+Importing `evaclip.model` registers them; open_clip then builds them from a JSON config like any
+other timm tower.
+"""
+
+from timm.models import generate_default_cfgs, register_model
+from timm.models.eva import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Eva, _cfg, _create_eva
+
+# Keyword arguments that make an Eva an EVA-02 *CLIP* tower (as timm's eva02_*_clip_* variants).
+EVA02_CLIP_ARGS = dict(
+    qkv_fused=False,
+    mlp_ratio=4 * 2 / 3,
+    swiglu_mlp=True,
+    scale_mlp=True,
+    scale_attn_inner=True,
+    use_rot_pos_emb=True,
+)
+
+
+# timm reads these by the module attribute name `default_cfgs`; no weights are hosted anywhere.
+default_cfgs = generate_default_cfgs({
+    "eva02_demo_patch4_clip_32": _cfg(input_size=(3, 32, 32), num_classes=0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD),
+    "eva02_demo_patch4_mim_32": _cfg(input_size=(3, 32, 32), num_classes=0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD),
+})
+
+
+@register_model
+def eva02_demo_patch4_clip_32(pretrained: bool = False, **kwargs) -> Eva:
+    """Demo EVA-02 CLIP tower: 32x32 images, 4x4 patches (64 tokens + CLS), width 192, depth 6."""
+    model_args = dict(
+        img_size=32,
+        patch_size=4,
+        embed_dim=192,
+        depth=6,
+        num_heads=3,
+        ref_feat_shape=(8, 8),
+        global_pool=kwargs.pop("global_pool", "token"),
+        **EVA02_CLIP_ARGS,
+    )
+    return _create_eva("eva02_demo_patch4_clip_32", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def eva02_demo_patch4_mim_32(pretrained: bool = False, **kwargs) -> Eva:
+    """The demo tower as a masked-image-modelling backbone (no CLIP projection head)."""
+    kwargs.setdefault("num_classes", 0)
+    return eva02_demo_patch4_clip_32(pretrained=pretrained, **kwargs)

@@ -1,0 +1,86 @@
+"""Build EVA-CLIP models as open_clip models, from small JSON configs.
+
+Every model is an `open_clip.CustomTextCLIP` (an EVA-02 tower from timm + the CLIP text
+transformer), so every checkpoint we write is one the open_clip ecosystem can load. Our own
+sizes live in `configs/*.json` beside this file; any open_clip config name works too
+(`EVA02-B-16`, `EVA02-L-14`, `EVA02-E-14`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from . import eva  # noqa: F401  (registers our EVA-02 tower sizes with timm)
+from .attention import set_attention_backend
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+_registered = False
+
+
+def _register_configs() -> None:
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """The open_clip JSON config of model `name` (ours or open_clip's)."""
+    _register_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise ConfigError(
+            f"model.name: unknown model {name!r}. Ours: {', '.join(ours)}; EVA-CLIP sizes in open_clip: "
+            "EVA02-B-16, EVA02-L-14, EVA02-E-14 (see open_clip.list_models())"
+        )
+    if "timm_model_name" not in cfg.get("vision_cfg", {}):
+        raise ConfigError(f"model.name: {name!r} has no timm vision tower, so it is not an EVA-CLIP model")
+    return cfg
+
+
+def create_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> open_clip.CustomTextCLIP:
+    """A randomly initialized EVA-CLIP model configured for training (masking, attention, checkpointing)."""
+    model_config(cfg.name)  # validates the name with a clear error
+    model = open_clip.create_model(cfg.name, pretrained=None, device=device, force_custom_text=True)
+    set_token_masking(model, cfg.token_masking)
+    set_attention_backend(model, cfg.attention)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    return model
+
+
+def create_transforms(name: str):
+    """open_clip's (train, eval) image transforms for model `name` (random resized crop, CLIP mean/std)."""
+    _register_configs()
+    cfg = model_config(name)
+    pp = PreprocessCfg(size=cfg["vision_cfg"]["image_size"], **cfg.get("preprocess_cfg", {}))
+    return image_transform_v2(pp, is_train=True), image_transform_v2(pp, is_train=False)
+
+
+def get_tokenizer(name: str):
+    """open_clip's CLIP BPE tokenizer (vocabulary shipped in the package) at the model's context length."""
+    _register_configs()
+    return open_clip.get_tokenizer(name)
+
+
+def set_token_masking(model: torch.nn.Module, ratio: float) -> None:
+    """Drop `ratio` of the image tokens in training mode (FLIP); the CLS token is always kept.
+
+    Changeable between steps, e.g. 0 for a final unmasked-tuning phase.
+    """
+    from timm.layers import PatchDropoutWithIndices
+
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"model.token_masking: {ratio} is outside [0, 1)")
+    trunk = model.visual.trunk
+    if trunk.patch_drop is None:
+        trunk.patch_drop = PatchDropoutWithIndices(ratio, num_prefix_tokens=trunk.num_prefix_tokens)
+    else:
+        trunk.patch_drop.prob = ratio

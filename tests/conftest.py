@@ -1,0 +1,83 @@
+"""Shared fixtures: the demo params, and weight files in the real published key layouts.
+
+No weights can be downloaded here, so the tests write small files themselves, laid out exactly as
+the published formats are (timm, original EVA/EVA-02 MIM, EVA-CLIP, open_clip, OpenAI, Hugging Face).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import evaclip.model  # noqa: F401  (registers the demo towers with timm)
+from evaclip.config import load_params
+from evaclip.model import create_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parent.parent
+
+# timm key -> original EVA-02 key (the inverse of timm's checkpoint_filter_fn renames).
+TIMM_TO_EVA = {
+    "attn.norm.": "attn.inner_attn_ln.",
+    "mlp.norm.": "mlp.ffn_ln.",
+    "mlp.fc1_g.": "mlp.w1.",
+    "mlp.fc1_x.": "mlp.w2.",
+    "mlp.fc2.": "mlp.w3.",
+    "attn.q_proj.bias": "attn.q_bias",
+    "attn.v_proj.bias": "attn.v_bias",
+}
+
+
+def to_eva_layout(timm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in timm_state.items():
+        for old, new in TIMM_TO_EVA.items():
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def randomized(state: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:
+    """Distinct random values in every tensor, so a tensor loaded into the wrong place is caught."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=gen) for k, v in state.items()}
+
+
+@pytest.fixture
+def params(tmp_path):
+    """The demo profile, writing into a temporary folder."""
+    return load_params(REPO / "params.yaml", [f"init.output_dir={tmp_path / 'init'}"])
+
+
+@pytest.fixture(scope="session")
+def demo_model_state():
+    from evaclip.config import ModelConfig
+
+    torch.manual_seed(0)
+    return randomized(create_model(ModelConfig()).state_dict(), seed=7)
+
+
+@pytest.fixture
+def eva_mim_checkpoint(tmp_path):
+    """An original EVA-02 MIM checkpoint: patch 6 on a 7x7 grid (resampled to the demo's 4 / 8x8),
+    EVA key names, MIM-only tensors, rope buffers, an argparse namespace, wrapped in `model`."""
+    import argparse
+
+    source = timm.create_model("eva02_demo_patch4_mim_32", img_size=42, patch_size=6)
+    timm_state = randomized(source.state_dict(), seed=3)
+    eva_state = to_eva_layout(timm_state)
+    dim = timm_state["cls_token"].shape[-1]
+    eva_state.update({
+        "mask_token": torch.zeros(1, 1, dim),
+        "lm_head.weight": torch.randn(1024, dim),
+        "lm_head.bias": torch.zeros(1024),
+        "rope.freqs_cos": torch.randn(49, 64),
+        "rope.freqs_sin": torch.randn(49, 64),
+    })
+    path = tmp_path / "eva02_demo_mim.pt"
+    torch.save({"model": eva_state, "args": argparse.Namespace(lr=1.5e-3), "epoch": 299}, path)
+    return path, timm_state

@@ -8,8 +8,9 @@ or a value has the wrong type.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -87,7 +88,7 @@ class TrainConfig(_Section):
         return self.batch_size * self.devices * self.nodes * self.grad_accum_steps
 
     @model_validator(mode="after")
-    def _tuning_fits(self) -> "TrainConfig":
+    def _tuning_fits(self) -> TrainConfig:
         if self.unmasked_tuning_steps > self.steps:
             raise ValueError(f"unmasked_tuning_steps ({self.unmasked_tuning_steps}) exceeds steps ({self.steps})")
         return self

@@ -1,0 +1,55 @@
+# evaclip: `make demo` runs the pipeline on the embedded default, `make test` runs the tests.
+# Both set everything up first (a .venv with the exact versions of constraints.txt).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# No analytics from any part of the stack; no model hub at run time.
+export DO_NOT_TRACK = true
+export MLFLOW_DISABLE_TELEMETRY = true
+export DVC_NO_ANALYTICS = 1
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 90
+export HF_HUB_OFFLINE = 1
+
+.PHONY: setup demo test lint bench lock clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@# Fashion-MNIST (the demo's data) is a Debian package; install it when we can.
+	@if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	  else echo "note: run 'sudo apt-get install dataset-fashion-mnist' for the demo data"; fi; \
+	fi
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@# torch first, pinned: anything that pulls an unpinned torch would fetch another CUDA stack.
+	$(BIN)/pip install -q -c constraints.txt torch torchvision
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/evaclip config show
+	$(BIN)/evaclip init
+	$(BIN)/evaclip export outputs/init/model.safetensors --out outputs/export
+	@echo "prepare, train, evaluate and promote land with the data, training, evaluation and orchestration issues"
+
+test: setup
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check evaclip tests benchmarks
+
+bench: setup
+	@mkdir -p benchmarks/results
+	$(BIN)/python benchmarks/bench_model.py
+
+lock: setup
+	$(BIN)/pip freeze --exclude-editable | grep -v '^evaclip' > constraints.txt.new && mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,93 @@
+"""The EVA-CLIP model: an open_clip model with a timm EVA-02 tower, token masking, attention backends."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+
+from evaclip.config import ModelConfig
+from evaclip.errors import EvaclipError
+from evaclip.model import create_model, get_tokenizer, set_attention_backend, set_token_masking
+
+
+def _tokens_entering_first_block(model, images):
+    seen = []
+    handle = model.visual.trunk.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        model.encode_image(images)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_demo_model_is_an_open_clip_model_with_an_eva02_tower():
+    model = create_model(ModelConfig())
+    assert isinstance(model, open_clip.CustomTextCLIP)
+    trunk = model.visual.trunk
+    assert type(trunk).__name__ == "Eva" and trunk.rope is not None  # rotary position embeddings
+    assert type(trunk.blocks[0].mlp).__name__ == "SwiGLU"
+    images, texts = torch.randn(2, 3, 32, 32), get_tokenizer("evaclip-demo")(["a photo of a shirt", "a boot"])
+    image_features, text_features, logit_scale = model(images, texts)
+    assert image_features.shape == text_features.shape == (2, 128)
+    assert torch.allclose(image_features.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio, kept", [(0.0, 64), (0.5, 32), (0.75, 16)])
+def test_token_masking_drops_patches_in_training_and_keeps_cls(ratio, kept):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(token_masking=ratio)).train()
+    images = torch.randn(3, 3, 32, 32)
+    masked = _tokens_entering_first_block(model, images)
+    assert masked.shape == (3, 1 + kept, 192)
+
+    full = _tokens_entering_first_block(model.eval(), images)
+    assert full.shape == (3, 65, 192)  # evaluation never masks
+    assert torch.equal(masked[:, 0], full[:, 0])  # the CLS token is always kept
+
+
+def test_token_masking_can_change_between_steps():
+    model = create_model(ModelConfig(token_masking=0.0)).train()
+    images = torch.randn(1, 3, 32, 32)
+    set_token_masking(model, 0.5)
+    assert _tokens_entering_first_block(model, images).shape[1] == 33
+    set_token_masking(model, 0.0)  # e.g. FLIP's final unmasked tuning
+    assert _tokens_entering_first_block(model, images).shape[1] == 65
+
+
+def test_eva02_b16_is_the_published_size_and_masks_half_its_tokens():
+    model = create_model(ModelConfig(name="EVA02-B-16", token_masking=0.5)).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 149e6 < n_params < 150.5e6  # EVA02-CLIP-B/16: 149.7M
+    assert _tokens_entering_first_block(model, torch.randn(1, 3, 224, 224)).shape == (1, 99, 768)
+
+
+def test_sdpa_and_math_attention_agree():
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(attention="sdpa")).eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        fused = model.encode_image(images)
+        assert set_attention_backend(model, "math") == 6  # one per block
+        reference = model.encode_image(images)
+    assert not model.visual.trunk.blocks[0].attn.fused_attn
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_flash_attn_backend_explains_what_it_needs():
+    model = create_model(ModelConfig())
+    with pytest.raises(EvaclipError, match="flash-attn|CUDA GPU"):
+        set_attention_backend(model, "flash_attn")
+
+
+def test_unknown_model_name_lists_the_choices():
+    with pytest.raises(EvaclipError, match="model.name: unknown model 'EVA02-X-99'.*evaclip-demo"):
+        create_model(ModelConfig(name="EVA02-X-99"))
+
+
+def test_tokenizer_is_open_clips_bpe_at_the_models_context_length():
+    tokenizer = get_tokenizer("evaclip-demo")
+    tokens = tokenizer(["a photo of a sneaker"])
+    assert tokens.shape == (1, 32)
+    sot, eot = 49406, 49407  # CLIP's start/end-of-text tokens: the shipped vocabulary, not a download
+    assert tokens[0, 0] == sot and eot in tokens[0].tolist()

@@ -91,3 +91,13 @@ def test_tokenizer_is_open_clips_bpe_at_the_models_context_length():
     assert tokens.shape == (1, 32)
     sot, eot = 49406, 49407  # CLIP's start/end-of-text tokens: the shipped vocabulary, not a download
     assert tokens[0, 0] == sot and eot in tokens[0].tolist()
+
+
+@pytest.mark.parametrize("name, params_millions", [("EVA02-L-14", 427.8), ("EVA02-E-14", 4704.6)])
+def test_large_published_sizes_build(name, params_millions):
+    # On the meta device: shapes without memory (E/14 would need 19 GB in fp32).
+    with torch.device("meta"):
+        model = create_model(ModelConfig(name=name, token_masking=0.5), device="meta")
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    assert n_params == pytest.approx(params_millions, abs=0.1)  # EVA-CLIP: 428M and 4.7B
+    assert model.visual.trunk.patch_embed.patch_size == (14, 14)

@@ -68,9 +68,21 @@ def _not_yet(stage: str, issue: str) -> None:
 @app.command()
 @_reports_errors
 def prepare(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None):
-    """Turn the data source (data.source) into versioned webdataset shards under data/."""
-    _load(params, profile, set_)
-    _not_yet("prepare", "data")
+    """Turn the data source (data.source) into versioned webdataset shards under data/.
+
+    Writes data/train (and data/eval/<name> for sources with a test split) with a manifest and a
+    data-quality report, then `dvc add data` and `dvc push` (data.version).
+    """
+    from .data import prepare as prepare_data
+
+    cfg = _load(params, profile, set_)
+    result = prepare_data(cfg)
+    manifest = result.manifest
+    out.print(f"{result.train_dir}: {manifest['total']} samples in {len(manifest['shards'])} shards")
+    for eval_dir in result.eval_dirs:
+        out.print(f"evaluation set: {eval_dir}")
+    if result.data_version:
+        out.print(f"data version (data.dvc): {result.data_version}, pushed to the DVC remote")
 
 
 @app.command()

@@ -52,10 +52,49 @@ class InitConfig(_Section):
     seed: int = 0
 
 
+DEFAULT_CAPTION_TEMPLATES = [
+    "a photo of a {}.",
+    "a product photo of a {}.",
+    "a grayscale photo of a {}.",
+    "a {} on a plain background.",
+    "an image showing a {}.",
+]
+
+
+class MixEntry(_Section):
+    """One shard set of a training mixture (EVA-CLIP's train-data list)."""
+
+    path: Path = Field(..., description="a prepared shard set (a folder with manifest.json)")
+    weight: float = Field(1.0, gt=0, description="relative sampling probability")
+
+
 class DataConfig(_Section):
     source: Literal["fashion_mnist", "image_folder", "pairs", "wds"] = "fashion_mnist"
-    path: Optional[Path] = None
+    path: Optional[Path] = Field(None, description="the source; fashion_mnist defaults to the Debian package's folder")
+    image_column: str = "image"          # pairs from CSV/Parquet
+    caption_column: str = "caption"
+    caption_templates: list[str] = Field(default_factory=lambda: list(DEFAULT_CAPTION_TEMPLATES))
+    eval_path: Optional[Path] = Field(None, description="a zero-shot evaluation set to version beside the shards")
     output_dir: Path = Path("data")
+    samples_per_shard: int = Field(5000, gt=0)
+    max_skipped_fraction: float = Field(0.01, ge=0, le=1)
+    version: bool = Field(True, description="track output_dir with DVC (data.dvc) and push it")
+    remote: Optional[str] = Field(None, description="DVC remote to push to; default: the repository's default")
+    seed: int = 0
+    # The training loader
+    mix: list[MixEntry] = Field(default_factory=list, description="shard sets to mix; default: output_dir/train")
+    resampled: bool = Field(False, description="infinite with-replacement shard sampling (multi-node safe)")
+    shuffle_buffer: int = Field(2000, ge=0)
+    workers: int = Field(2, ge=0)
+    samples_per_epoch: Optional[int] = Field(None, gt=0, description="default: the shard sets' total")
+
+    @field_validator("caption_templates")
+    @classmethod
+    def _templates_have_a_slot(cls, templates: list[str]) -> list[str]:
+        bad = [t for t in templates if t.count("{}") != 1]
+        if not templates or bad:
+            raise ValueError(f"each template needs exactly one '{{}}' for the class name: {bad or 'none given'}")
+        return templates
 
 
 class TrainConfig(_Section):

@@ -34,9 +34,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: setup
 	$(BIN)/evaclip config show
+	$(BIN)/evaclip prepare
 	$(BIN)/evaclip init
 	$(BIN)/evaclip export outputs/init/model.safetensors --out outputs/export
-	@echo "prepare, train, evaluate and promote land with the data, training, evaluation and orchestration issues"
+	@echo "train, evaluate and promote land with the training, evaluation and orchestration issues"
 
 test: setup
 	$(BIN)/pytest -q
@@ -47,9 +48,11 @@ lint: setup
 bench: setup
 	@mkdir -p benchmarks/results
 	$(BIN)/python benchmarks/bench_model.py
+	test -f data/train/manifest.json || $(BIN)/evaclip prepare
+	$(BIN)/python benchmarks/bench_loader.py
 
 lock: setup
-	$(BIN)/pip freeze --exclude-editable | grep -v '^evaclip' > constraints.txt.new && mv constraints.txt.new constraints.txt
+	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^evaclip'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf outputs .pytest_cache

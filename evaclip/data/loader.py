@@ -110,10 +110,8 @@ class ImageTextStream(IterableDataset):
         for pass_index in itertools.count():
             if self.resampled:
                 urls = [own_rng.choice(shard_set.urls) for _ in range(len(shard_set.urls))]
-            else:  # the same permutation on every rank (no rank in the seed), then this slot's share
-                order = list(shard_set.urls)
-                random.Random(f"{self.seed}:{self.epoch}:{set_index}:{pass_index}").shuffle(order)
-                urls = order[slot::slots]
+            else:
+                urls = shards_for_slot(shard_set.urls, f"{self.seed}:{self.epoch}:{set_index}:{pass_index}", slot, slots)
             count = 0
             for sample in wds.tariterators.tarfile_samples([{"url": u} for u in urls], handler=wds.warn_and_continue):
                 count += 1
@@ -175,6 +173,14 @@ def make_train_loader(
     loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                         prefetch_factor=4 if workers else None)
     return loader, batches - samples_seen // global_batch
+
+
+def shards_for_slot(urls: Sequence[str], pass_seed: str, slot: int, slots: int) -> list[str]:
+    """One (rank, worker) slot's shards for one pass: the same shuffle on every rank, then every
+    `slots`-th shard, so the slots of a pass are disjoint and together cover every shard."""
+    order = list(urls)
+    random.Random(pass_seed).shuffle(order)
+    return order[slot::slots]
 
 
 def _share(total: int, worker: int, workers: int) -> int:

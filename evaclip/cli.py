@@ -106,9 +106,16 @@ def init(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, se
 @app.command()
 @_reports_errors
 def train(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None):
-    """Train with DeepSpeed (ZeRO-1, LAMB, token masking) from the initialized checkpoint."""
-    _load(params, profile, set_)
-    _not_yet("train", "training engine")
+    """Train with DeepSpeed (ZeRO-1, LAMB, token masking) from the initialized checkpoint.
+
+    Starts train.devices processes (torchrun or the deepspeed launcher); resumes from the latest
+    checkpoint in train.output_dir; writes train.output_dir/model.safetensors and metrics.jsonl.
+    """
+    from .train import launch
+
+    cfg = _load(params, profile, set_)
+    model_path = launch(cfg)
+    out.print(f"trained model: {model_path}")
 
 
 @app.command()

@@ -118,8 +118,21 @@ class TrainConfig(_Section):
     grad_accum_steps: int = Field(1, gt=0)
     grad_clip: Optional[float] = Field(5.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    zero_stage: int = Field(1, ge=0, le=3)
+    fp16_initial_scale_power: int = Field(16, ge=0, description="fp16 dynamic loss scale starts at 2^this")
+    fp16_loss_scale_window: int = Field(1000, gt=0)
+    fp16_hysteresis: int = Field(2, gt=0)
+    zero_stage: int = Field(1, ge=0, le=2, description="DeepSpeed ZeRO stage: 0, 1 or 2")
+    local_loss: bool = True                 # open_clip ClipLoss: logits of local features only
+    gather_with_grad: bool = True           # gradients flow through the gathered features
     unmasked_tuning_steps: int = Field(0, ge=0, description="FLIP: last N steps without token masking")
+    init_checkpoint: Optional[Path] = Field(None, description="default: init.output_dir/model.safetensors if present")
+    output_dir: Path = Path("outputs/train")
+    checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints (and one at the end)")
+    keep_checkpoints: int = Field(3, gt=0)
+    resume: bool = Field(True, description="continue from the latest checkpoint in output_dir")
+    max_nonfinite_steps: int = Field(10, ge=0, description="consecutive non-finite steps tolerated")
+    log_every: int = Field(10, gt=0)
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
     seed: int = 0
 
     @property

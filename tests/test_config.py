@@ -84,7 +84,7 @@ def test_overrides_parse_values_like_yaml():
 @pytest.mark.parametrize("override, message", [
     ("model.token_masking=1.0", r"model\.token_masking: .*\[0, 1\)"),
     ("model.attention=xformers", r"model\.attention: .*'sdpa', 'flash_attn' or 'math'"),
-    ("train.zero_stage=4", r"train\.zero_stage: .*less than or equal to 3"),
+    ("train.zero_stage=3", r"train\.zero_stage: .*less than or equal to 2"),
     ("train.lr", r"expected KEY\.PATH=VALUE"),
     ("train.lr.max=1", r"train\.lr in .* is a value, not a section"),
 ])

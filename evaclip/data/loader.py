@@ -90,12 +90,11 @@ class ImageTextStream(IterableDataset):
         # batch skip + j must be what the uninterrupted run made there, i.e. stream (skip + j) % workers.
         worker = ((info.id if info else 0) + self.skip_batches) % workers
         stream_seed = f"{self.seed}:{self.epoch}:{self.rank}:{worker}"
-        if info is not None:  # augmentations in a worker process: seeded per stream
-            torch.manual_seed(random.Random(stream_seed).getrandbits(63))
         rng = random.Random(stream_seed)
+        augment_rng = torch.Generator().manual_seed(rng.getrandbits(63)).get_state()
         streams = [self._samples(s, i, worker, workers) for i, s in enumerate(self.sets)]
         samples = _shuffle(_mix(streams, [s.weight for s in self.sets], rng), self.shuffle_buffer, rng)
-        decoded = self._decoded(samples)
+        decoded = self._decoded(samples, augment_rng)
         n_batches = _share(self.batches_per_epoch, worker, workers)
         skip = _share(self.skip_batches, worker, workers)
         for index in range(n_batches):
@@ -119,14 +118,22 @@ class ImageTextStream(IterableDataset):
             if count == 0:
                 raise ConfigError(f"data: shards {urls[:3]}... yielded no samples (all unreadable?)")
 
-    def _decoded(self, samples: Iterator[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _decoded(self, samples: Iterator[dict], rng_state: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for sample in samples:
             key = next((k for k in IMAGE_KEYS if k in sample), None)
             try:
                 if key is None or "txt" not in sample:
                     raise ValueError("no image or no caption")
                 with Image.open(io.BytesIO(sample[key])) as image:
-                    pixels = self.transform(image.convert("RGB"))
+                    # torchvision draws from the global RNG: swap in this stream's own state, so the
+                    # augmentations depend on the stream alone, not on the trainer's use of the RNG.
+                    outer = torch.get_rng_state()
+                    torch.set_rng_state(rng_state)
+                    try:
+                        pixels = self.transform(image.convert("RGB"))
+                    finally:
+                        rng_state = torch.get_rng_state()
+                        torch.set_rng_state(outer)
                 tokens = self.tokenizer([sample["txt"].decode("utf-8")])[0]
             except Exception as err:  # a bad sample in shards used in place: skip it, say so
                 log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), err)
@@ -170,8 +177,10 @@ def make_train_loader(
         resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, epoch=epoch,
         skip_batches=samples_seen // global_batch,
     )
+    # A private generator: creating the loader must not draw from the trainer's global RNG, or a
+    # resumed run (which creates its loader at another step) would mask tokens differently.
     loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                        prefetch_factor=4 if workers else None)
+                        prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(seed))
     return loader, batches - samples_seen // global_batch
 
 

@@ -27,6 +27,7 @@ EVA02_CLIP_ARGS = dict(
 default_cfgs = generate_default_cfgs({
     "eva02_demo_patch4_clip_32": _cfg(input_size=(3, 32, 32), num_classes=0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD),
     "eva02_demo_patch4_mim_32": _cfg(input_size=(3, 32, 32), num_classes=0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD),
+    "eva02_micro_patch8_clip_32": _cfg(input_size=(3, 32, 32), num_classes=0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD),
 })
 
 
@@ -51,3 +52,19 @@ def eva02_demo_patch4_mim_32(pretrained: bool = False, **kwargs) -> Eva:
     """The demo tower as a masked-image-modelling backbone (no CLIP projection head)."""
     kwargs.setdefault("num_classes", 0)
     return eva02_demo_patch4_clip_32(pretrained=pretrained, **kwargs)
+
+
+@register_model
+def eva02_micro_patch8_clip_32(pretrained: bool = False, **kwargs) -> Eva:
+    """A micro EVA-02 CLIP tower (16 tokens + CLS, width 64, depth 2) for fast multi-process tests."""
+    model_args = dict(
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        ref_feat_shape=(4, 4),
+        global_pool=kwargs.pop("global_pool", "token"),
+        **EVA02_CLIP_ARGS,
+    )
+    return _create_eva("eva02_micro_patch8_clip_32", pretrained=pretrained, **dict(model_args, **kwargs))

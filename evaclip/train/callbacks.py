@@ -1,0 +1,70 @@
+"""Listeners of a training run: the engine reports, callbacks log (progress bar, metrics file, MLflow...).
+
+The engine never imports a tracking library: the tracking layer is one more `Callback`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Callback(Protocol):
+    def on_train_start(self, info: dict[str, Any]) -> None: ...
+    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_checkpoint(self, step: int, path: Path) -> None: ...
+    def on_train_end(self, info: dict[str, Any]) -> None: ...
+
+
+class BaseCallback:
+    def on_train_start(self, info):
+        pass
+
+    def on_step(self, step, metrics):
+        pass
+
+    def on_checkpoint(self, step, path):
+        pass
+
+    def on_train_end(self, info):
+        pass
+
+
+class ProgressBar(BaseCallback):
+    """tqdm bar on rank 0: samples/s, loss, lr and ETA."""
+
+    def on_train_start(self, info):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=info["steps"], initial=info["start_step"], unit="step", dynamic_ncols=True,
+                        desc="train", mininterval=2.0)
+
+    def on_step(self, step, metrics):
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr/visual']:.2e}",
+                             samples_s=f"{metrics['samples_per_s']:.1f}", refresh=False)
+
+    def on_train_end(self, info):
+        self.bar.close()
+
+
+class MetricsFile(BaseCallback):
+    """Every step's metrics as JSON lines (what DVC plots and the tracking layer read)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_start(self, info):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # After a resume, steps past the checkpoint will be logged again: drop their old lines.
+        kept = []
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= info["start_step"]]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def on_step(self, step, metrics):
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")

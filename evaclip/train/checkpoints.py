@@ -1,0 +1,85 @@
+"""Training checkpoints: DeepSpeed's own files, written atomically, the last K kept.
+
+A checkpoint is a folder `step_NNNNNNN/` holding DeepSpeed's model and (per-rank, ZeRO-partitioned)
+optimizer states, the LR scheduler and loss scaler, our `trainer_state` (step, samples seen, epoch)
+and every rank's RNG states. It is written under a temporary name and renamed once all ranks are
+done, so a crash at any moment leaves only complete checkpoints; `latest` names the newest.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+
+
+def _tag(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def save(engine, root: Path, state: dict, keep: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder."""
+    root = Path(root)
+    rank = dist.get_rank()
+    tag = _tag(state["step"])
+    tmp_tag = f".tmp-{tag}"
+    if rank == 0:
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"trainer_state": state}, save_latest=False)
+    torch.save(_rng_state(), root / tmp_tag / f"rng_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        final = root / tag
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(root / tmp_tag, final)
+        pointer = root / f".{LATEST}.tmp"
+        pointer.write_text(tag + "\n")
+        os.replace(pointer, root / LATEST)
+        for old in sorted(root.glob("step_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return root / tag
+
+
+def load(engine, path: Path) -> dict:
+    """Restore model, optimizer, scheduler, loss scaler and this rank's RNG; returns the trainer state."""
+    path = Path(path)
+    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+    rng_file = path / f"rng_rank{dist.get_rank()}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state["trainer_state"]
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,176 @@
+"""The training loop of one rank: DeepSpeed engine, CLIP loss over all ranks, checkpoints, resume.
+
+Started once per process by a launcher (`torchrun` or `deepspeed`, see `launch.py`); all ranks run
+`train(params)`. Rank 0 reports to the callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..checkpoint import load_model_weights, write_state_dict
+from ..config import Params
+from ..data import make_train_loader
+from ..errors import EvaclipError
+from ..model import create_model, create_transforms, get_tokenizer, set_token_masking
+from ..optim import Lamb, create_optimizer, lr_multiplier
+from . import checkpoints
+from .callbacks import Callback
+from .ds_config import clip_gradients, deepspeed_config
+
+MAX_LOGIT_SCALE = 100.0  # open_clip clamps the learned temperature at ln(100)
+
+
+class NonFiniteLossError(EvaclipError):
+    exit_code = 5
+
+
+@dataclass
+class TrainResult:
+    model_path: Path
+    steps: int
+    samples_seen: int
+    final_loss: float
+
+
+def init_checkpoint(params: Params) -> Path | None:
+    if params.train.init_checkpoint is not None:
+        return params.train.init_checkpoint
+    default = Path(params.init.output_dir) / "model.safetensors"
+    return default if default.is_file() else None
+
+
+def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
+    import deepspeed
+    from open_clip.loss import ClipLoss
+
+    cfg = params.train
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    callbacks = list(callbacks) if rank == 0 else []
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
+    model = create_model(params.model)
+    start = init_checkpoint(params)
+    if start is not None:
+        load_model_weights(model, start)
+    optimizer = create_optimizer(model, cfg)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg)),
+    )
+    if isinstance(optimizer, Lamb) and cfg.zero_stage > 0:
+        optimizer.attach_zero_partitions(engine.optimizer)  # per-tensor trust ratios under ZeRO
+
+    state = {"step": 0, "samples_seen": 0, "epoch": 0, "samples_in_epoch": 0}
+    latest = checkpoints.latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if latest is not None:
+        state = checkpoints.load(engine, latest)  # restores this rank's RNG states too
+    else:
+        torch.manual_seed(cfg.seed * 1000 + rank)  # token masking differs per rank
+    loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, cache_labels=True,
+                       rank=rank, world_size=world)
+    train_transform, _ = create_transforms(params.model.name)
+    tokenizer = get_tokenizer(params.model.name)
+    for callback in callbacks:
+        callback.on_train_start({"steps": cfg.steps, "start_step": state["step"], "world_size": world,
+                                 "resumed_from": str(latest) if latest else None,
+                                 "init_checkpoint": str(start) if start else None})
+
+    nonfinite, loss_value = 0, float("nan")
+    micro = 0
+    while state["step"] < cfg.steps:
+        loader, _ = make_train_loader(
+            params.data, train_transform, tokenizer, cfg.batch_size, rank=rank, world_size=world,
+            seed=cfg.seed, epoch=state["epoch"], samples_seen=state["samples_in_epoch"],
+        )
+        tick = time.perf_counter()
+        for images, texts in loader:
+            masking = 0.0 if state["step"] >= cfg.steps - cfg.unmasked_tuning_steps else params.model.token_masking
+            set_token_masking(engine.module, masking)
+            image_features, text_features, logit_scale = engine(images.to(device), texts.to(device))
+            loss = loss_fn(image_features, text_features, logit_scale.clamp(max=MAX_LOGIT_SCALE))
+            if not _finite_everywhere(loss):
+                # Skip on every rank alike, keep the last good checkpoint untouched.
+                nonfinite += 1
+                if nonfinite > cfg.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{nonfinite} consecutive non-finite losses at step {state['step']} "
+                        f"(train.max_nonfinite_steps={cfg.max_nonfinite_steps}); last good checkpoint: "
+                        f"{checkpoints.latest_checkpoint(cfg.output_dir)}"
+                    )
+                _skip_batch(state, cfg, world)
+                continue
+            engine.backward(loss)
+            clip_gradients(engine, cfg)
+            engine.step()
+            _skip_batch(state, cfg, world)
+            micro += 1
+            if micro % cfg.grad_accum_steps:
+                continue
+            # fp16: DeepSpeed's dynamic loss scaler skips a step whose gradients overflowed.
+            nonfinite = 0 if engine.was_step_applied() else nonfinite + 1
+            if nonfinite > cfg.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{nonfinite} consecutive overflowing fp16 steps at step {state['step']}; last good checkpoint: "
+                    f"{checkpoints.latest_checkpoint(cfg.output_dir)}"
+                )
+            loss_value = loss.item()
+            state["step"] += 1
+            if callbacks and (state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps):
+                elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+                metrics = _metrics(loss_value, engine, scheduler, logit_scale, cfg, elapsed, masking)
+                for callback in callbacks:
+                    callback.on_step(state["step"], metrics)
+            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
+                path = checkpoints.save(engine, cfg.output_dir, dict(state), cfg.keep_checkpoints)
+                for callback in callbacks:
+                    callback.on_checkpoint(state["step"], path)
+            if state["step"] >= cfg.steps:
+                break
+        else:
+            state["epoch"] += 1
+            state["samples_in_epoch"] = 0
+
+    model_path = Path(cfg.output_dir) / "model.safetensors"
+    if rank == 0:  # under ZeRO-1/2 every rank holds the full (all-gathered) weights
+        write_state_dict(engine.module.state_dict(), model_path, metadata={"model": params.model.name})
+    dist.barrier()
+    result = TrainResult(model_path, state["step"], state["samples_seen"], loss_value)
+    for callback in callbacks:
+        callback.on_train_end({"model_path": str(model_path), "steps": state["step"], "final_loss": loss_value})
+    return result
+
+
+def _skip_batch(state: dict, cfg, world: int) -> None:
+    consumed = cfg.batch_size * world
+    state["samples_seen"] += consumed
+    state["samples_in_epoch"] += consumed
+
+
+def _finite_everywhere(loss: torch.Tensor) -> bool:
+    flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0])
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+def _metrics(loss, engine, scheduler, logit_scale, cfg, elapsed, masking) -> dict[str, float]:
+    lrs = {}
+    for group in engine.optimizer.param_groups:
+        tower = group.get("name", "other").split(".")[0]
+        lrs[f"lr/{tower}"] = max(lrs.get(f"lr/{tower}", 0.0), group["lr"])
+    samples = cfg.batch_size * dist.get_world_size() * cfg.grad_accum_steps * cfg.log_every
+    return {
+        "loss": loss,
+        **{k: float(v) for k, v in lrs.items()},
+        "logit_scale": float(logit_scale.detach().clamp(max=MAX_LOGIT_SCALE)),
+        "samples_per_s": samples / elapsed if elapsed > 0 else math.nan,
+        "token_masking": masking,
+    }

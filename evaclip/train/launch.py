@@ -1,0 +1,82 @@
+"""`evaclip train`: check that the run can work, then start one process per device.
+
+One GPU, many GPUs or CPU processes: `torchrun --nproc_per_node train.devices` (or DeepSpeed's
+launcher). Many nodes: run the same command on each node with `--nnodes`/`--node_rank`/`--master_addr`
+(torchrun), or give DeepSpeed's launcher a hostfile.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from ..config import Params
+from ..errors import ConfigError, EvaclipError
+from ..model import model_config
+from .engine import init_checkpoint
+
+
+def check_runnable(params: Params) -> None:
+    """Everything that would fail after launch fails here, naming the key."""
+    cfg = params.train
+    model_config(params.model.name)
+    world = cfg.devices * cfg.nodes
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision: fp16 needs GPUs (DeepSpeed's loss scaler); use fp32 or bf16 on CPUs")
+    if cfg.devices > 1 and torch.cuda.is_available() and torch.cuda.device_count() < cfg.devices:
+        raise ConfigError(f"train.devices: {cfg.devices} GPUs asked, {torch.cuda.device_count()} visible")
+    samples = params.data.samples_per_epoch
+    if samples is not None and samples < cfg.batch_size * world * cfg.grad_accum_steps:
+        raise ConfigError(
+            f"data.samples_per_epoch: {samples} is smaller than one global batch "
+            f"(train.batch_size {cfg.batch_size} x {world} processes x {cfg.grad_accum_steps} accumulation)"
+        )
+    if cfg.warmup_steps > cfg.steps:
+        raise ConfigError(f"train.warmup_steps: {cfg.warmup_steps} exceeds train.steps ({cfg.steps})")
+    start = init_checkpoint(params)
+    if start is not None and not Path(start).is_file():
+        raise ConfigError(f"train.init_checkpoint: {start} not found (run `evaclip init`)")
+    if params.data.mix:
+        missing = [str(m.path) for m in params.data.mix if not (Path(m.path) / "manifest.json").is_file()]
+    else:
+        missing = [] if (Path(params.data.output_dir) / "train" / "manifest.json").is_file() else [str(params.data.output_dir)]
+    if missing:
+        raise ConfigError(f"data: no prepared shards in {', '.join(missing)} (run `evaclip prepare` or `dvc pull`)")
+
+
+def launch_command(params_file: Path, params: Params, master_port: Optional[int] = None) -> list[str]:
+    cfg = params.train
+    if cfg.launcher == "deepspeed":
+        launcher = shutil.which("deepspeed") or "deepspeed"
+        cmd = [launcher, "--num_gpus", str(cfg.devices)]
+        if master_port:
+            cmd += ["--master_port", str(master_port)]
+        return cmd + ["--module", "evaclip.train.worker", "--params", str(params_file)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.devices)]
+    if cfg.nodes == 1:
+        cmd += ["--standalone"] if not master_port else ["--master_port", str(master_port)]
+    else:
+        cmd += ["--nnodes", str(cfg.nodes)]  # with --node_rank/--master_addr from the environment
+    return cmd + ["-m", "evaclip.train.worker", "--params", str(params_file)]
+
+
+def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict] = None) -> Path:
+    """Validate, write the resolved params beside the outputs, run the launcher; returns the model path."""
+    check_runnable(params)
+    out = Path(params.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params_file = out / "params.resolved.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    process_env = dict(os.environ, **(env or {}))
+    process_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // params.train.devices)))
+    result = subprocess.run(launch_command(params_file, params, master_port), env=process_env)
+    if result.returncode != 0:
+        raise EvaclipError(f"training failed (exit code {result.returncode}); the last good checkpoint is kept in {out}")
+    return out / "model.safetensors"

@@ -1,0 +1,229 @@
+"""Training: LAMB, parameter groups and schedule; ZeRO-1 LAMB equivalence; crash-safe resume; bad states.
+
+The multi-process tests run real DeepSpeed with 2 CPU processes over gloo, launched by torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from timm.optim import Lamb as TimmLamb
+from typer.testing import CliRunner
+
+from evaclip.cli import app
+from evaclip.config import ModelConfig, TrainConfig, load_params
+from evaclip.data import prepare
+from evaclip.errors import ConfigError
+from evaclip.model import create_model
+from evaclip.optim import Lamb, lr_multiplier, param_groups
+from evaclip.train import check_runnable
+from evaclip.train.ds_config import deepspeed_config
+
+from .conftest import REPO
+from .test_data import png
+
+BIN = Path(sys.executable).parent
+HERE = Path(__file__).resolve().parent
+
+
+# --- the optimizer, its groups and schedule ----------------------------------------------------------
+
+def test_lamb_is_timms_lamb_on_whole_tensors():
+    torch.manual_seed(0)
+    ours_params = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True), torch.zeros(4, requires_grad=True)]
+    timm_params = [p.detach().clone().requires_grad_(True) for p in ours_params]
+    groups = lambda ps: [{"params": ps[:2], "weight_decay": 0.05}, {"params": ps[2:], "weight_decay": 0.0}]  # noqa: E731
+    ours = Lamb(groups(ours_params), lr=1e-2, betas=(0.9, 0.98), eps=1e-6)
+    theirs = TimmLamb(groups(timm_params), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, max_grad_norm=None)
+    for _ in range(5):
+        for p, q in zip(ours_params, timm_params, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(ours_params, timm_params, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_param_groups_split_towers_layers_and_decay():
+    model = create_model(ModelConfig())
+    cfg = TrainConfig(steps=10, batch_size=2, lr=5e-4, visual_lr=2e-4, text_lr=2e-5, weight_decay=0.05,
+                      visual_layer_decay=0.75, text_layer_decay=0.5)
+    groups = param_groups(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    placed = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(placed) == sorted(names.values())  # every parameter exactly once
+    by_param = {names[id(p)]: g for g in groups for p in g["params"]}
+    for no_decay in ("logit_scale", "visual.trunk.cls_token", "visual.trunk.pos_embed", "text.positional_embedding",
+                     "text.token_embedding.weight", "visual.trunk.blocks.0.norm1.weight",
+                     "visual.trunk.blocks.0.attn.q_proj.bias", "text.ln_final.weight"):
+        assert by_param[no_decay]["weight_decay"] == 0.0, no_decay
+    assert by_param["visual.trunk.blocks.0.attn.q_proj.weight"]["weight_decay"] == 0.05
+    # Layer decay: the demo tower has 6 blocks, the text tower 4 layers.
+    assert by_param["visual.trunk.head.weight"]["lr"] == pytest.approx(2e-4)
+    assert by_param["visual.trunk.blocks.5.mlp.fc2.weight"]["lr"] == pytest.approx(2e-4 * 0.75)
+    assert by_param["visual.trunk.patch_embed.proj.weight"]["lr"] == pytest.approx(2e-4 * 0.75**7)
+    assert by_param["text.transformer.resblocks.0.mlp.c_fc.weight"]["lr"] == pytest.approx(2e-5 * 0.5**4)
+    assert by_param["logit_scale"]["lr"] == pytest.approx(5e-4)
+
+
+def test_schedule_warms_up_then_decays_to_zero_by_cosine():
+    factor = lr_multiplier(TrainConfig(steps=100, batch_size=1, warmup_steps=10))
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.5, abs=1e-9)
+    assert factor(100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_fp16_uses_eva_clips_dynamic_loss_scaling():
+    cfg = TrainConfig(steps=10, batch_size=4, devices=8, precision="fp16", zero_stage=1, grad_accum_steps=2)
+    ds = deepspeed_config(cfg)
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                          "hysteresis": 2, "min_loss_scale": 1}
+    assert ds["train_batch_size"] == 64 and ds["zero_optimization"] == {"stage": 1}
+    assert ds["gradient_clipping"] == 5.0
+
+
+# --- ZeRO-1 keeps LAMB's per-tensor trust ratios -----------------------------------------------------
+
+def _zero_lamb_run(tmp_path, stage, optimizer, steps):
+    out = tmp_path / f"zero{stage}_{optimizer}_{steps}.pt"
+    _torchrun([str(HERE / "distributed" / "zero_lamb.py"), str(stage), optimizer, str(out), "1.0", str(steps)])
+    return torch.load(out)
+
+
+def _max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_zero1_lamb_equals_zero0_lamb_and_a_stock_lamb_does_not(tmp_path):
+    # One step: the same parameters to float32 rounding.
+    one_zero0 = _zero_lamb_run(tmp_path, 0, "lamb", 1)
+    assert _max_diff(one_zero0, _zero_lamb_run(tmp_path, 1, "lamb", 1)) < 1e-6
+    # Four steps: rounding differences grow through Adam's normalization, but stay three orders of
+    # magnitude under the stock LAMB's deviation (one trust ratio per rank's flat slice).
+    zero0 = _zero_lamb_run(tmp_path, 0, "lamb", 4)
+    ours = _max_diff(zero0, _zero_lamb_run(tmp_path, 1, "lamb", 4))
+    stock = _max_diff(zero0, _zero_lamb_run(tmp_path, 1, "timm_lamb", 4))
+    assert ours < 5e-5, ours
+    assert stock > 1e-2, stock
+    assert stock > 1000 * ours
+
+
+def _torchrun(args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+# --- `evaclip train`: checkpoints, crash-safe resume, bad states ----------------------------------
+
+@pytest.fixture(scope="module")
+def micro_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    src = root / "src"
+    src.mkdir()
+    for i in range(256):
+        (src / f"{i:04d}.png").write_bytes(png((i, 255 - i, (7 * i) % 255), size=(32, 32)))
+        (src / f"{i:04d}.txt").write_text(f"a square of color number {i % 10}")
+    overrides = [f"data.output_dir={root / 'data'}", "data.source=pairs", f"data.path={src}", "data.version=false",
+                 "data.samples_per_shard=32"]
+    prepare(load_params(REPO / "params.yaml", overrides))
+    return root / "data"
+
+
+def _train_overrides(data_dir, out, **extra):
+    values = {
+        "model.name": "evaclip-micro", "model.token_masking": 0.5, "data.output_dir": data_dir, "data.workers": 0,
+        "data.shuffle_buffer": 64, "init.output_dir": out / "no-init", "train.output_dir": out,
+        "train.batch_size": 16, "train.steps": 24, "train.warmup_steps": 4, "train.checkpoint_every": 4,
+        "train.keep_checkpoints": 2, "train.log_every": 1, "train.lr": 2e-3, **extra,
+    }
+    return [item for key, value in values.items() for item in ("-s", f"{key}={value}")]
+
+
+def _evaclip_train(args, **popen):
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    return subprocess.Popen([str(BIN / "evaclip"), "train", "-p", str(REPO / "params.yaml"), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_sigkill_mid_training_then_resume_ends_with_the_same_weights(micro_data, tmp_path):
+    straight = tmp_path / "straight"
+    process = _evaclip_train(_train_overrides(micro_data, straight))
+    output = process.communicate(timeout=900)[0]
+    assert process.returncode == 0, output[-4000:]
+    expected = load_file(str(straight / "model.safetensors"))
+    assert sorted(p.name for p in straight.glob("step_*")) == ["step_0000020", "step_0000024"]  # the last 2 kept
+    metrics = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 25)) and metrics[-1]["lr/visual"] == pytest.approx(0.0)
+
+    crashed = tmp_path / "crashed"
+    process = _evaclip_train(_train_overrides(micro_data, crashed))
+    deadline = time.time() + 900
+    while not (crashed / "latest").is_file() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    # SIGKILL the launcher and both ranks at once, mid-training (torchrun starts ranks in new sessions).
+    for victim in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
+        victim.send_signal(signal.SIGKILL)
+    process.communicate()
+    killed_at = (crashed / "latest").read_text().strip()
+    assert killed_at != "step_0000024" and not (crashed / "model.safetensors").exists(), "the run ended before the kill"
+
+    process = _evaclip_train(_train_overrides(micro_data, crashed))
+    output = process.communicate(timeout=900)[0]
+    assert process.returncode == 0, output[-4000:]
+    resumed = load_file(str(crashed / "model.safetensors"))
+    for key, value in expected.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
+    steps = [json.loads(line)["step"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 25))  # resumed at the checkpoint, each step logged once
+
+
+def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(micro_data, tmp_path):
+    out = tmp_path / "nan"
+    process = _evaclip_train(_train_overrides(micro_data, out, **{"train.steps": 4}))
+    assert process.wait(timeout=900) == 0
+    good = sorted(p.name for p in out.glob("step_*"))
+    latest = (out / "latest").read_text()
+
+    poisoned = tmp_path / "nan-init.safetensors"
+    state = create_model(ModelConfig(name="evaclip-micro")).state_dict()
+    state["logit_scale"] = torch.tensor(float("nan"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(poisoned))
+    process = _evaclip_train(_train_overrides(micro_data, out, **{
+        "train.steps": 8, "train.resume": "false", "train.init_checkpoint": poisoned, "train.max_nonfinite_steps": 2,
+    }))
+    output = process.communicate(timeout=900)[0]
+    assert process.returncode != 0
+    assert "3 consecutive non-finite losses at step 0 (train.max_nonfinite_steps=2)" in output
+    assert sorted(p.name for p in out.glob("step_*")) == good and (out / "latest").read_text() == latest
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.precision=fp16", "train.precision: fp16 needs GPUs"),
+    ("train.warmup_steps=500", r"train.warmup_steps: 500 exceeds train.steps \(400\)"),
+    ("train.init_checkpoint=/nowhere/model.safetensors", "train.init_checkpoint: /nowhere/model.safetensors not found"),
+    ("data.output_dir=/nowhere", r"data: no prepared shards in /nowhere \(run `evaclip prepare`"),
+    ("data.samples_per_epoch=100", "data.samples_per_epoch: 100 is smaller than one global batch"),
+])
+def test_a_config_that_cannot_run_fails_before_launch(micro_data, override, message):
+    overrides = [f"data.output_dir={micro_data}", override]
+    with pytest.raises(ConfigError, match=message):
+        check_runnable(load_params(REPO / "params.yaml", overrides))
+
+
+def test_cli_train_exits_2_naming_the_key(tmp_path):
+    result = CliRunner().invoke(app, ["train", "-p", str(REPO / "params.yaml"), "-s", "model.token_masking=1.5"])
+    assert result.exit_code == 2 and "model.token_masking" in result.output

@@ -36,8 +36,8 @@ demo: setup
 	$(BIN)/evaclip config show
 	$(BIN)/evaclip prepare
 	$(BIN)/evaclip init
-	$(BIN)/evaclip export outputs/init/model.safetensors --out outputs/export
-	@echo "train, evaluate and promote land with the training, evaluation and orchestration issues"
+	$(BIN)/evaclip train
+	@echo "evaluate and promote land with the evaluation/registry and orchestration issues"
 
 test: setup
 	$(BIN)/pytest -q
@@ -48,6 +48,7 @@ lint: setup
 bench: setup
 	@mkdir -p benchmarks/results
 	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/bench_train.py
 	test -f data/train/manifest.json || $(BIN)/evaclip prepare
 	$(BIN)/python benchmarks/bench_loader.py
 

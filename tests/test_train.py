@@ -148,7 +148,7 @@ def _train_overrides(data_dir, out, **extra):
         "model.name": "evaclip-micro", "model.token_masking": 0.5, "data.output_dir": data_dir, "data.workers": 0,
         "data.shuffle_buffer": 64, "init.output_dir": out / "no-init", "train.output_dir": out,
         "train.batch_size": 16, "train.steps": 24, "train.warmup_steps": 4, "train.checkpoint_every": 4,
-        "train.keep_checkpoints": 2, "train.log_every": 1, "train.lr": 2e-3, **extra,
+        "train.keep_checkpoints": 2, "train.log_every": 1, "train.lr": 2e-3, "train.unmasked_tuning_steps": 3, **extra,
     }
     return [item for key, value in values.items() for item in ("-s", f"{key}={value}")]
 
@@ -168,6 +168,7 @@ def test_sigkill_mid_training_then_resume_ends_with_the_same_weights(micro_data,
     assert sorted(p.name for p in straight.glob("step_*")) == ["step_0000020", "step_0000024"]  # the last 2 kept
     metrics = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 25)) and metrics[-1]["lr/visual"] == pytest.approx(0.0)
+    assert [m["token_masking"] for m in metrics[-4:]] == [0.5, 0.0, 0.0, 0.0]  # FLIP's unmasked tuning
 
     crashed = tmp_path / "crashed"
     process = _evaclip_train(_train_overrides(micro_data, crashed))
@@ -227,3 +228,15 @@ def test_a_config_that_cannot_run_fails_before_launch(micro_data, override, mess
 def test_cli_train_exits_2_naming_the_key(tmp_path):
     result = CliRunner().invoke(app, ["train", "-p", str(REPO / "params.yaml"), "-s", "model.token_masking=1.5"])
     assert result.exit_code == 2 and "model.token_masking" in result.output
+
+
+def test_deepspeed_launcher_and_bf16_on_cpu(micro_data, tmp_path):
+    out = tmp_path / "bf16"
+    process = _evaclip_train(_train_overrides(micro_data, out, **{
+        "train.steps": 4, "train.launcher": "deepspeed", "train.precision": "bf16", "train.unmasked_tuning_steps": 0,
+    }))
+    output = process.communicate(timeout=900)[0]
+    assert process.returncode == 0, output[-4000:]
+    weights = load_file(str(out / "model.safetensors"))
+    assert weights["visual.trunk.blocks.0.attn.q_proj.weight"].dtype == torch.bfloat16
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())

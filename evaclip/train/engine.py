@@ -84,6 +84,7 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
                                  "resumed_from": str(latest) if latest else None,
                                  "init_checkpoint": str(start) if start else None})
 
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
     nonfinite, loss_value = 0, float("nan")
     micro = 0
     while state["step"] < cfg.steps:
@@ -95,8 +96,9 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
         for images, texts in loader:
             masking = 0.0 if state["step"] >= cfg.steps - cfg.unmasked_tuning_steps else params.model.token_masking
             set_token_masking(engine.module, masking)
-            image_features, text_features, logit_scale = engine(images.to(device), texts.to(device))
-            loss = loss_fn(image_features, text_features, logit_scale.clamp(max=MAX_LOGIT_SCALE))
+            image_features, text_features, logit_scale = engine(images.to(device, dtype), texts.to(device))
+            # The contrastive loss in fp32 whatever the compute precision: its logits span a wide range.
+            loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float().clamp(max=MAX_LOGIT_SCALE))
             if not _finite_everywhere(loss):
                 # Skip on every rank alike, keep the last good checkpoint untouched.
                 nonfinite += 1

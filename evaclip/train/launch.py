@@ -54,7 +54,10 @@ def check_runnable(params: Params) -> None:
 def launch_command(params_file: Path, params: Params, master_port: Optional[int] = None) -> list[str]:
     cfg = params.train
     if cfg.launcher == "deepspeed":
-        launcher = shutil.which("deepspeed") or "deepspeed"
+        beside_python = Path(sys.executable).parent / "deepspeed"  # the venv's, even when not activated
+        launcher = str(beside_python) if beside_python.is_file() else shutil.which("deepspeed")
+        if launcher is None:
+            raise ConfigError("train.launcher: the `deepspeed` launcher is not installed here; use torchrun")
         cmd = [launcher, "--num_gpus", str(cfg.devices)]
         if master_port:
             cmd += ["--master_port", str(master_port)]

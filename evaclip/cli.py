@@ -121,17 +121,41 @@ def train(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, s
 @app.command()
 @_reports_errors
 def evaluate(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None):
-    """Zero-shot classification (class names x prompt templates) and retrieval on the evaluation sets."""
-    _load(params, profile, set_)
-    _not_yet("evaluate", "evaluation and registry")
+    """Zero-shot classification (class names x prompt templates) and retrieval on the evaluation sets.
+
+    Writes eval.output_dir (metrics.json, per-class CSV, confusion matrix PNG) and logs the pipeline's
+    runs and the model (an MLflow pyfunc) to the tracking store.
+    """
+    from .eval import evaluate as run_evaluation
+    from .tracking import log_run
+
+    cfg = _load(params, profile, set_)
+    result = run_evaluation(cfg)
+    for set_result in result.sets:
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in set_result.metrics.items() if k != "samples")
+        out.print(f"{set_result.name}: {shown}")
+    if "zeroshot_top1" in result.metrics:
+        out.print(f"zero-shot top-1: {result.metrics['zeroshot_top1']:.3f}")
+    record = log_run(cfg, result)
+    out.print(f"MLflow: run {record.eval_run_id} ({record.tracking_uri}), model {record.model_uri}")
 
 
 @app.command()
 @_reports_errors
 def promote(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None):
     """Register the evaluated model in MLflow; move the `champion` alias only if it is better."""
-    _load(params, profile, set_)
-    _not_yet("promote", "evaluation and registry")
+    import json
+
+    from .tracking import RECORD, TrackingRecord, register_and_promote
+
+    cfg = _load(params, profile, set_)
+    record_file = Path(cfg.eval.output_dir) / RECORD
+    if not record_file.is_file():
+        raise EvaclipError(f"{record_file} not found: run `evaclip evaluate` first")
+    decision = register_and_promote(cfg, TrackingRecord(**json.loads(record_file.read_text())))
+    verdict = "promoted to champion" if decision.promoted else "not promoted"
+    out.print(f"{decision.name} version {decision.version}: {verdict} ({decision.reason}); "
+              f"champion: version {decision.champion}")
 
 
 @app.command()

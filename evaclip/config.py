@@ -146,6 +146,26 @@ class TrainConfig(_Section):
         return self
 
 
+class EvalConfig(_Section):
+    sets: list[Path] = Field(default_factory=lambda: [Path("data/eval/fashion_mnist")],
+                             description="evaluation sets (see evaclip.data.evalsets); the first decides promotion")
+    templates: Optional[str] = Field(None, description="openai | simple | a file; default: each set's own")
+    checkpoint: Optional[Path] = Field(None, description="default: train.output_dir/model.safetensors")
+    batch_size: int = Field(256, gt=0)
+    every_n_steps: int = Field(0, ge=0, description="also evaluate during training (0: only at the end)")
+    output_dir: Path = Path("outputs/eval")
+
+
+class TrackingConfig(_Section):
+    uri: Optional[str] = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite")
+    default_store: Path = Field(Path("outputs/mlflow"), description="SQLite file and artifacts when no URI is set")
+    experiment: str = "evaclip"
+    registered_model: Optional[str] = Field(None, description="default: evaclip-<model.name> (one per architecture)")
+    promotion_metric: str = "zeroshot_top1"
+    promotion_margin: float = Field(0.0, ge=0, description="a challenger must beat the champion by this much")
+    retries: int = Field(3, ge=0, description="attempts to reach a tracking server before giving up")
+
+
 class Params(_Section):
     """Everything one pipeline run needs."""
 
@@ -154,6 +174,8 @@ class Params(_Section):
     init: InitConfig = Field(default_factory=InitConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 def profile_path(name: str) -> Path:

@@ -1,0 +1,192 @@
+"""Zero-shot evaluation: classification (class names x prompt templates) and image-text retrieval.
+
+The classifier is built the standard way, by open_clip's `build_zero_shot_classifier`: for each class,
+encode every template, normalize, average, renormalize. Metrics: top-1, top-5, mean per-class recall,
+per-class accuracy and the confusion matrix; retrieval recall@1/5/10 both ways. Deterministic: no
+augmentation, fixed order.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from open_clip import build_zero_shot_classifier
+
+from ..checkpoint import atomic_write_text, load_model_weights
+from ..config import Params
+from ..data.evalsets import EvalSet, load_eval_set
+from ..errors import ConfigError
+from ..model import create_model, create_transforms, get_tokenizer
+
+
+@dataclass
+class SetResult:
+    name: str
+    path: str
+    kind: str
+    metrics: dict[str, float]
+    classnames: list[str] = field(default_factory=list)
+    per_class: list[float] = field(default_factory=list)
+    confusion: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class EvalResult:
+    checkpoint: str
+    sets: list[SetResult]
+    output_dir: Path
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics; the first set's also without a prefix (they decide promotion)."""
+        flat: dict[str, float] = {}
+        for index, result in enumerate(self.sets):
+            for key, value in result.metrics.items():
+                flat[f"{result.name}/{key}"] = value
+                if index == 0:
+                    flat[key] = value
+        return flat
+
+
+def default_checkpoint(params: Params) -> Path:
+    return params.eval.checkpoint or Path(params.train.output_dir) / "model.safetensors"
+
+
+def evaluate(params: Params, checkpoint: str | Path | None = None, progress: bool = True) -> EvalResult:
+    """Evaluate a checkpoint on every `eval.sets`; writes metrics.json, per-class CSVs and confusion PNGs."""
+    checkpoint = Path(checkpoint or default_checkpoint(params))
+    if not checkpoint.is_file():
+        raise ConfigError(f"eval.checkpoint: {checkpoint} not found (run `evaclip train`)")
+    sets = [load_eval_set(path, params.eval.templates) for path in params.eval.sets]  # fail before work
+    model = create_model(params.model).eval()
+    load_model_weights(model, checkpoint)
+    _, preprocess = create_transforms(params.model.name)
+    tokenizer = get_tokenizer(params.model.name)
+    results = []
+    for path, evalset in zip(params.eval.sets, sets, strict=True):
+        run = zero_shot_classification if evalset.kind == "classification" else retrieval
+        result = run(model, evalset, preprocess, tokenizer, params.eval.batch_size, progress)
+        result.path = str(path)
+        results.append(result)
+    out = EvalResult(str(checkpoint), results, Path(params.eval.output_dir))
+    write_reports(out)
+    return out
+
+
+def _batches(samples: Iterator, preprocess, batch_size: int):
+    images, targets = [], []
+    for image, target in samples:
+        images.append(preprocess(image))
+        targets.append(target)
+        if len(images) == batch_size:
+            yield torch.stack(images), targets
+            images, targets = [], []
+    if images:
+        yield torch.stack(images), targets
+
+
+@torch.no_grad()
+def zero_shot_classification(model, evalset: EvalSet, preprocess, tokenizer, batch_size: int,
+                             progress: bool = False) -> SetResult:
+    templates = [t.replace("{c}", "{}") for t in evalset.templates]  # CLIP_benchmark's {c} -> format's {}
+    classifier = build_zero_shot_classifier(model, tokenizer, evalset.classnames, templates, use_tqdm=progress)
+    n = len(evalset.classnames)
+    confusion = np.zeros((n, n), dtype=np.int64)
+    top5 = total = 0
+    for images, labels in _tqdm(_batches(evalset.samples(), preprocess, batch_size), progress, evalset.name):
+        features = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+        logits = features @ classifier
+        labels = torch.tensor(labels)
+        ranked = logits.topk(min(5, n), dim=-1).indices
+        top5 += (ranked == labels[:, None]).any(dim=-1).sum().item()
+        total += len(labels)
+        np.add.at(confusion, (labels.numpy(), ranked[:, 0].numpy()), 1)
+    if total == 0:
+        raise ConfigError(f"evaluation set {evalset.name}: no samples")
+    per_class = (confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)).tolist()
+    present = confusion.sum(axis=1) > 0
+    metrics = {
+        "zeroshot_top1": float(confusion.diagonal().sum() / total),
+        "zeroshot_top5": float(top5 / total),
+        "mean_per_class_recall": float(np.mean(np.array(per_class)[present])),
+        "samples": float(total),
+    }
+    return SetResult(evalset.name, "", "classification", metrics, list(evalset.classnames), per_class,
+                     confusion.tolist())
+
+
+@torch.no_grad()
+def retrieval(model, evalset: EvalSet, preprocess, tokenizer, batch_size: int, progress: bool = False) -> SetResult:
+    image_features, text_features, text_owner = [], [], []
+    offset = 0
+    for images, captions in _tqdm(_batches(evalset.samples(), preprocess, batch_size), progress, evalset.name):
+        image_features.append(torch.nn.functional.normalize(model.encode_image(images), dim=-1))
+        for index, caption_list in enumerate(captions):
+            text_features.append(torch.nn.functional.normalize(model.encode_text(tokenizer(caption_list)), dim=-1))
+            text_owner += [offset + index] * len(caption_list)  # which image each caption describes
+        offset += len(captions)
+    images, texts = torch.cat(image_features), torch.cat(text_features)
+    owner = torch.tensor(text_owner)
+    similarity = images @ texts.T
+    metrics = {}
+    for k in (1, 5, 10):
+        top_texts = similarity.topk(min(k, texts.shape[0]), dim=1).indices  # image -> text
+        metrics[f"image_to_text_R@{k}"] = float((owner[top_texts] == torch.arange(len(images))[:, None]).any(1).float().mean())
+        top_images = similarity.T.topk(min(k, images.shape[0]), dim=1).indices  # text -> image
+        metrics[f"text_to_image_R@{k}"] = float((top_images == owner[:, None]).any(1).float().mean())
+    metrics["samples"] = float(len(images))
+    return SetResult(evalset.name, "", "retrieval", metrics)
+
+
+def _tqdm(iterable, enabled: bool, name: str):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=f"eval {name}", unit="batch", mininterval=2.0)
+
+
+def write_reports(result: EvalResult) -> None:
+    out = result.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"checkpoint": result.checkpoint, "metrics": result.metrics,
+               "sets": [{"name": s.name, "path": s.path, "kind": s.kind, "metrics": s.metrics} for s in result.sets]}
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    for s in result.sets:
+        if s.kind != "classification":
+            continue
+        with open(out / f"{s.name}_per_class.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["class", "accuracy", "samples"])
+            for name, accuracy, row in zip(s.classnames, s.per_class, s.confusion, strict=True):
+                writer.writerow([name, f"{accuracy:.6f}", sum(row)])
+        plot_confusion(s, out / f"{s.name}_confusion.png")
+
+
+def plot_confusion(result: SetResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.array(result.confusion, dtype=float)
+    matrix = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    n = len(result.classnames)
+    fig, ax = plt.subplots(figsize=(max(4, n * 0.5 + 2), max(4, n * 0.5 + 1.5)))
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    if n <= 40:
+        ax.set_xticks(range(n), result.classnames, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), result.classnames, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{result.name}: zero-shot top-1 {result.metrics['zeroshot_top1']:.3f}")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,197 @@
+"""What a pipeline run logs: one parent run, a nested run per stage, and the model as a pyfunc."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import mlflow
+import torch
+
+from ..checkpoint import atomic_write_text
+from ..config import Params
+from ..data.versioning import data_version
+from ..eval import EvalResult
+from ..export import export_open_clip
+from . import pyfunc
+from .store import connect, experiment_id
+
+RECORD = "tracking.json"  # beside the evaluation outputs: what `evaclip promote` picks up
+
+
+@dataclass
+class TrackingRecord:
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    eval_run_id: str
+    model_uri: str
+    metrics: dict
+    eval_set: str
+    data_version: str | None
+
+
+def flatten(params: Params) -> dict[str, str]:
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
+
+    walk("", params.model_dump(mode="json"))
+    return flat
+
+
+def run_tags(params: Params) -> dict[str, str]:
+    tags = {"evaclip.profile": params.profile, "evaclip.model": params.model.name,
+            "host": platform.node(), "device": _device()}
+    version_ = data_version(Path(f"{params.data.output_dir}.dvc"))
+    if version_:
+        tags["data_version"] = version_
+    tags.update(_git())
+    for package in ("evaclip", "torch", "open_clip_torch", "timm", "deepspeed", "mlflow", "dvc", "prefect"):
+        try:
+            tags[f"version.{package}"] = version(package)
+        except PackageNotFoundError:
+            pass
+    return tags
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def _git() -> dict[str, str]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def log_run(params: Params, evaluation: EvalResult, parent_run_id: str | None = None) -> TrackingRecord:
+    """Log the pipeline's stages and the model; returns what promotion needs.
+
+    A parent run (or the given one) holds the resolved config and the tags; nested runs hold the init
+    report, the data manifest and quality report, the training curves and the evaluation.
+    """
+    client = connect(params)
+    experiment = experiment_id(client, params)
+    mlflow.set_experiment(experiment_id=experiment)
+    tags = run_tags(params)
+    parent_run_id = parent_run_id or os.environ.get("EVACLIP_PARENT_RUN_ID")
+    with mlflow.start_run(run_id=parent_run_id, run_name=None if parent_run_id else f"pipeline-{params.profile}",
+                          tags=tags) as parent:
+        if not parent_run_id:
+            mlflow.log_params(flatten(params))
+        _log_stage_data(params, tags)
+        _log_stage_init(params, tags)
+        _log_stage_train(params, tags)
+        record = _log_stage_evaluate(params, evaluation, tags, parent.info.run_id, experiment)
+    record.tracking_uri = mlflow.get_tracking_uri()
+    atomic_write_text(Path(params.eval.output_dir) / RECORD, json.dumps(asdict(record), indent=2) + "\n")
+    return record
+
+
+def _log_stage_data(params: Params, tags: dict) -> None:
+    folder = Path(params.data.output_dir) / "train"
+    with mlflow.start_run(run_name="data", nested=True, tags=tags):
+        mlflow.log_params({"data.source": params.data.source, "data.output_dir": str(params.data.output_dir)})
+        for name in ("manifest.json", "quality.json"):
+            if (folder / name).is_file():
+                mlflow.log_artifact(str(folder / name), artifact_path="data")
+        if (folder / "manifest.json").is_file():
+            mlflow.log_metric("samples", json.loads((folder / "manifest.json").read_text())["total"])
+
+
+def _log_stage_init(params: Params, tags: dict) -> None:
+    report = Path(params.init.output_dir) / "init_report.json"
+    with mlflow.start_run(run_name="init", nested=True, tags=tags):
+        if report.is_file():
+            mlflow.log_artifact(str(report), artifact_path="init")
+            for status, count in json.loads(report.read_text())["counts"].items():
+                mlflow.log_metric(f"keys_{status}", count)
+
+
+def _log_stage_train(params: Params, tags: dict) -> None:
+    metrics_file = Path(params.train.output_dir) / "metrics.jsonl"
+    with mlflow.start_run(run_name="train", nested=True, tags=tags):
+        if not metrics_file.is_file():
+            return
+        rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+        from mlflow.entities import Metric
+
+        batch = [Metric(key.replace("/", "_"), float(value), int(row["time"] * 1000), row["step"])
+                 for row in rows for key, value in row.items() if key not in ("step", "time")]
+        client = mlflow.tracking.MlflowClient()
+        run_id = mlflow.active_run().info.run_id
+        for start in range(0, len(batch), 900):  # the store's batch limit is 1000
+            client.log_batch(run_id, metrics=batch[start:start + 900])
+        mlflow.log_figure(_curves(rows), "train/loss_lr.png")
+
+
+def _curves(rows: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, lr_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
+    steps = [r["step"] for r in rows]
+    loss_ax.plot(steps, [r["loss"] for r in rows])
+    loss_ax.set(title="contrastive loss", xlabel="step")
+    for key in sorted(k for k in rows[0] if k.startswith("lr/")):
+        lr_ax.plot(steps, [r[key] for r in rows], label=key[3:])
+    lr_ax.set(title="learning rate", xlabel="step")
+    lr_ax.legend()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def _log_stage_evaluate(params: Params, evaluation: EvalResult, tags: dict, parent_id: str, experiment: str) -> TrackingRecord:
+    out = Path(params.eval.output_dir)
+    with mlflow.start_run(run_name="evaluate", nested=True, tags=tags) as run:
+        first = evaluation.sets[0]
+        mlflow.log_params({"eval.checkpoint": evaluation.checkpoint, "eval.set": first.path,
+                           "eval.templates": str(params.eval.templates)})
+        mlflow.log_metrics({k.replace("/", "_").replace("@", "_at_"): v for k, v in evaluation.metrics.items()})
+        for file in sorted(out.glob("*")):
+            if file.suffix in (".json", ".csv", ".png") and file.name != RECORD:
+                mlflow.log_artifact(str(file), artifact_path="eval")
+        with tempfile.TemporaryDirectory() as tmp:
+            export = export_open_clip(params, evaluation.checkpoint, Path(tmp) / "open_clip")
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=pyfunc.EvaClipModel(),
+                artifacts={"open_clip": str(export.directory)},
+                signature=pyfunc.signature(),
+                input_example=_input_example(first),
+                pip_requirements=[f"{p}=={version(p)}" for p in ("torch", "open_clip_torch", "timm")],
+            )
+        mlflow.set_tag("model_uri", info.model_uri)
+        return TrackingRecord("", experiment, parent_id, run.info.run_id, info.model_uri,
+                              evaluation.metrics, first.path, tags.get("data_version"))
+
+
+def _input_example(first):
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (128, 64, 32)).save(buffer, format="PNG")
+    return pd.DataFrame({"image": [pyfunc.encode_image(buffer.getvalue()), ""], "text": ["", "a photo of a bag."]})

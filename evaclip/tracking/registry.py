@@ -78,12 +78,16 @@ def register_and_promote(params: Params, record: TrackingRecord) -> Decision:
 
     with _local_lock(params):
         champion_version = _alias(client, name, CHAMPION)
-        champion_tags = _tags(client, name, champion_version) if champion_version else None
-        promoted, reason = (False, "already the champion") if champion_version == version else decide(
-            _tags(client, name, version), champion_tags, metric, params.tracking.promotion_margin)
-        client.set_model_version_tag(name, version, "promotion_eligible", "true" if metric in record.metrics else "false")
-        client.set_model_version_tag(name, version, "promotion_decision", "promoted" if promoted else "rejected")
-        client.set_model_version_tag(name, version, "promotion_reason", reason)
+        if champion_version == version:  # promoting again changes nothing
+            promoted, reason = True, "already the champion"
+        else:
+            champion_tags = _tags(client, name, champion_version) if champion_version else None
+            promoted, reason = decide(_tags(client, name, version), champion_tags, metric,
+                                      params.tracking.promotion_margin)
+            eligible = metric in record.metrics
+            client.set_model_version_tag(name, version, "promotion_eligible", "true" if eligible else "false")
+            client.set_model_version_tag(name, version, "promotion_decision", "promoted" if promoted else "rejected")
+            client.set_model_version_tag(name, version, "promotion_reason", reason)
         final = _settle_champion(client, name, metric, params.tracking.promotion_margin)
     _record_on_run(client, record.eval_run_id, name, version, promoted, reason, final)
     final_tags = _tags(client, name, final) if final else {}

@@ -15,6 +15,9 @@ from mlflow.tracking import MlflowClient
 from ..config import Params
 from ..errors import EvaclipError
 
+# As the user set it: `mlflow.set_tracking_uri` writes this variable too, so read it before MLflow does.
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
 
 class TrackingUnavailableError(EvaclipError):
     exit_code = 6
@@ -23,8 +26,8 @@ class TrackingUnavailableError(EvaclipError):
 def tracking_uri(params: Params) -> str:
     if params.tracking.uri:
         return params.tracking.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    if _USER_TRACKING_URI:
+        return _USER_TRACKING_URI
     store = Path(params.tracking.default_store).resolve()
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
@@ -58,7 +61,7 @@ def _wait_for_server(uri: str, retries: int) -> None:
             time.sleep(min(2**attempt, 8))
     raise TrackingUnavailableError(
         f"MLflow tracking server {uri} unreachable after {retries + 1} attempts ({last}); nothing was logged "
-        "or promoted. Start it (`make stack` or docker compose), or unset MLFLOW_TRACKING_URI for the local store."
+        "or promoted. Start the server, or unset MLFLOW_TRACKING_URI and tracking.uri for the local SQLite store."
     )
 
 

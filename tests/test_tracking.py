@@ -1,0 +1,341 @@
+"""Evaluation, MLflow tracking, the pyfunc model, serving and the registry's promotion rule.
+
+Real stores only: SQLite for most tests, and a real `mlflow server` with PostgreSQL and S3 artifacts
+(rclone on loopback), the docker-compose topology, for the production test.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import requests
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from evaclip.checkpoint import write_state_dict
+from evaclip.cli import app
+from evaclip.config import ModelConfig, load_params
+from evaclip.eval import evaluate
+from evaclip.model import create_model
+from evaclip.tracking import (
+    TrackingRecord,
+    TrackingUnavailableError,
+    decide,
+    log_run,
+    register_and_promote,
+    registered_name,
+)
+from evaclip.tracking.pyfunc import encode_image
+
+from .conftest import REPO
+from .test_data import image_folder
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A micro model checkpoint, an ImageFolder evaluation set and a caption set."""
+    root = tmp_path_factory.mktemp("tracking")
+    torch.manual_seed(0)
+    write_state_dict(create_model(ModelConfig(name="evaclip-micro")).state_dict(), root / "model.safetensors")
+    image_folder(root / "eval", per_class=4)
+    captions = root / "captions"
+    captions.mkdir()
+    for i in range(12):
+        Image.new("RGB", (16, 16), (20 * i, 0, 0)).save(captions / f"{i}.png")
+        (captions / f"{i}.txt").write_text(f"a red square {i}\na square number {i}\n")
+    return root
+
+
+def params_in(workspace: Path, out: Path, *extra: str):
+    return load_params(REPO / "params.yaml", [
+        "model.name=evaclip-micro", f"eval.checkpoint={workspace / 'model.safetensors'}",
+        f"eval.sets=[{workspace / 'eval'}]", f"eval.output_dir={out / 'eval'}", f"tracking.default_store={out / 'mlflow'}",
+        f"train.output_dir={out / 'train'}", f"init.output_dir={out / 'init'}", f"data.output_dir={out / 'data'}",
+        "eval.batch_size=5", *extra,
+    ])
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+def test_zero_shot_metrics_are_consistent_and_deterministic(workspace, tmp_path):
+    params = params_in(workspace, tmp_path, "eval.templates=simple")
+    first = evaluate(params, progress=False)
+    result = first.sets[0]
+    matrix = torch.tensor(result.confusion)
+    assert matrix.sum() == 12 and matrix.shape == (3, 3)
+    assert result.metrics["zeroshot_top1"] == pytest.approx(matrix.diagonal().sum().item() / 12)
+    assert result.metrics["zeroshot_top5"] == 1.0  # 3 classes
+    assert result.metrics["mean_per_class_recall"] == pytest.approx(sum(result.per_class) / 3)
+    assert evaluate(params, progress=False).metrics == first.metrics
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["metrics"]["zeroshot_top1"] == result.metrics["zeroshot_top1"]
+    assert (tmp_path / "eval" / "eval_confusion.png").is_file()
+    assert (tmp_path / "eval" / "eval_per_class.csv").read_text().splitlines()[0] == "class,accuracy,samples"
+
+
+def test_the_classifier_averages_normalized_template_embeddings(workspace, tmp_path):
+    """The standard recipe, checked by hand for one class."""
+    from open_clip import build_zero_shot_classifier
+
+    from evaclip.model import get_tokenizer
+
+    model = create_model(ModelConfig(name="evaclip-micro")).eval()
+    tokenizer = get_tokenizer("evaclip-micro")
+    templates = ["a photo of a {}.", "itap of a {}."]
+    with torch.no_grad():
+        weights = build_zero_shot_classifier(model, tokenizer, ["cat", "dog"], templates)
+        each = torch.nn.functional.normalize(model.encode_text(tokenizer([t.format("dog") for t in templates])), dim=-1)
+        expected = torch.nn.functional.normalize(each.mean(0), dim=-1)
+    torch.testing.assert_close(weights[:, 1], expected)
+
+
+def test_retrieval_recalls(workspace, tmp_path):
+    params = params_in(workspace, tmp_path, f"eval.sets=[{workspace / 'captions'}]")
+    metrics = evaluate(params, progress=False).sets[0].metrics
+    assert metrics["image_to_text_R@10"] >= metrics["image_to_text_R@5"] >= metrics["image_to_text_R@1"] >= 0
+    assert metrics["text_to_image_R@10"] >= metrics["text_to_image_R@1"] and metrics["samples"] == 12
+
+
+# --- tracking ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def logged(workspace, tmp_path_factory):
+    out = tmp_path_factory.mktemp("logged")
+    (out / "train").mkdir()
+    (out / "train" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "time": 1_800_000_000 + s, "loss": 3.0 - s / 10, "lr/visual": 1e-3, "lr/text": 1e-4}) + "\n"
+        for s in range(1, 6)))
+    params = params_in(workspace, out)
+    record = log_run(params, evaluate(params, progress=False))
+    return params, record
+
+
+def test_a_pipeline_run_logs_config_tags_stages_artifacts_and_the_model(logged):
+    params, record = logged
+    client = mlflow.tracking.MlflowClient(record.tracking_uri, registry_uri=record.tracking_uri)
+    parent = client.get_run(record.parent_run_id)
+    assert parent.data.params["train.optimizer"] == "lamb" and parent.data.params["model.name"] == "evaclip-micro"
+    assert {"git_commit", "git_dirty", "version.torch", "version.open_clip_torch", "host", "device"} <= set(parent.data.tags)
+    children = client.search_runs([record.experiment_id], f"tags.mlflow.parentRunId = '{record.parent_run_id}'")
+    assert sorted(run.info.run_name for run in children) == ["data", "evaluate", "init", "train"]
+    train_run = next(r for r in children if r.info.run_name == "train")
+    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "loss")] == [1, 2, 3, 4, 5]
+    artifacts = [a.path for a in client.list_artifacts(record.eval_run_id, "eval")]
+    assert "eval/eval_confusion.png" in artifacts and "eval/eval_per_class.csv" in artifacts
+    assert client.get_run(record.eval_run_id).data.metrics["zeroshot_top1"] == record.metrics["zeroshot_top1"]
+
+
+def test_the_pyfunc_model_embeds_images_and_texts_and_labels_images(logged):
+    params, record = logged
+    model = mlflow.pyfunc.load_model(record.model_uri)
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(buffer, format="PNG")
+    frame = pd.DataFrame({"image": [encode_image(buffer.getvalue()), ""], "text": ["", "a dog"]})
+    output = model.predict(frame, params={"classnames": ["cat", "dog"]})
+    assert len(output.embedding[0]) == len(output.embedding[1]) == 32
+    assert output.label[0] in ("cat", "dog") and 0.5 <= output.score[0] <= 1
+    assert model.metadata.signature.params is not None
+
+
+def test_mlflow_models_serve_answers_invocations(logged):
+    params, record = logged
+    decision = register_and_promote(params, record)
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=record.tracking_uri, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{decision.name}@champion",
+                               "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping")
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), (200, 10, 30)).save(buffer, format="PNG")
+        body = {"dataframe_split": {"columns": ["image", "text"], "data": [[encode_image(buffer.getvalue()), ""]]},
+                "params": {"classnames": ["cat", "dog", "sea lion"]}}
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        prediction = answer.json()["predictions"][0]
+        assert prediction["label"] in ("cat", "dog", "sea lion") and len(prediction["embedding"]) == 32
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+# --- the promotion rule and the registry -------------------------------------------------------
+
+@pytest.mark.parametrize("candidate, champion, expected", [
+    ({"zeroshot_top1": "0.5", "eval_set": "a"}, None, (True, "no champion yet")),
+    ({"eval_set": "a"}, {"zeroshot_top1": "0.1", "eval_set": "a"}, (False, "no zeroshot_top1 recorded")),
+    ({"zeroshot_top1": "0.9", "eval_set": "b"}, {"zeroshot_top1": "0.1", "eval_set": "a"}, (False, "evaluated on b")),
+    ({"zeroshot_top1": "0.505", "eval_set": "a"}, {"zeroshot_top1": "0.5", "eval_set": "a"}, (False, "does not beat")),
+    ({"zeroshot_top1": "0.52", "eval_set": "a"}, {"zeroshot_top1": "0.5", "eval_set": "a"}, (True, "beats")),
+])
+def test_promotion_rule(candidate, champion, expected):
+    promote, reason = decide(candidate, champion, "zeroshot_top1", margin=0.01)
+    assert promote == expected[0] and expected[1] in reason
+
+
+def fake_record(params, top1: float, eval_set: str = "eval-a") -> TrackingRecord:
+    """A real logged model (a minimal pyfunc) with the metrics a pipeline run would record."""
+    from evaclip.tracking.store import connect, experiment_id
+
+    client = connect(params)
+    mlflow.set_experiment(experiment_id=experiment_id(client, params))
+    with mlflow.start_run() as run:
+        mlflow.log_metric("zeroshot_top1", top1)
+        info = mlflow.pyfunc.log_model(name="model", python_model=_Constant(), pip_requirements=[])
+    return TrackingRecord(mlflow.get_tracking_uri(), run.info.experiment_id, run.info.run_id, run.info.run_id,
+                          info.model_uri, {"zeroshot_top1": top1}, eval_set, None)
+
+
+class _Constant(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def test_champion_moves_only_to_a_better_model_and_promotion_is_idempotent(workspace, tmp_path):
+    params = params_in(workspace, tmp_path, "tracking.promotion_margin=0.01")
+    client = _client(tmp_path)
+    first = register_and_promote(params, fake_record(params, 0.50))
+    assert first.promoted and first.champion == first.version
+    worse = register_and_promote(params, fake_record(params, 0.505))
+    assert not worse.promoted and worse.champion == first.version and "does not beat" in worse.reason
+    name = registered_name(params)
+    tags = client.get_model_version(name, worse.version).tags
+    assert tags["promotion_decision"] == "rejected" and client.get_model_version_by_alias(name, "challenger").version == worse.version
+    other_set = register_and_promote(params, fake_record(params, 0.99, eval_set="eval-b"))
+    assert not other_set.promoted and "evaluated on eval-b" in other_set.reason
+    better_record = fake_record(params, 0.60)
+    better = register_and_promote(params, better_record)
+    assert better.promoted and better.champion == better.version
+    again = register_and_promote(params, better_record)
+    assert again.version == better.version and again.promoted and again.reason == "already the champion"
+    assert client.get_run(better_record.eval_run_id).data.tags["promotion_decision"] == "promoted"
+
+
+def _client(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    return mlflow.tracking.MlflowClient(uri, registry_uri=uri)
+
+
+def _promote_in_process(args):
+    workspace, out, top1 = args
+    params = params_in(Path(workspace), Path(out))
+    return register_and_promote(params, fake_record(params, top1)).version
+
+
+def test_two_pipelines_finishing_at_once_never_leave_the_worse_model_champion(workspace, tmp_path):
+    params = params_in(workspace, tmp_path)
+    register_and_promote(params, fake_record(params, 0.30))
+    with ProcessPoolExecutor(2) as pool:
+        versions = list(pool.map(_promote_in_process, [(workspace, tmp_path, 0.40), (workspace, tmp_path, 0.70)]))
+    client = _client(tmp_path)
+    champion = client.get_model_version_by_alias(registered_name(params), "champion")
+    assert champion.version == versions[1] and champion.tags["zeroshot_top1"] == "0.7"
+
+
+def test_an_unreachable_server_gets_retries_then_a_clear_error(workspace, tmp_path):
+    params = params_in(workspace, tmp_path, f"tracking.uri=http://127.0.0.1:{free_port()}", "tracking.retries=1")
+    with pytest.raises(TrackingUnavailableError, match=r"unreachable after 2 attempts \(ConnectionError\); nothing was logged or promoted"):
+        register_and_promote(params, TrackingRecord("", "", "", "", "", {"zeroshot_top1": 1.0}, "x", None))
+    (tmp_path / "eval").mkdir(exist_ok=True)
+    (tmp_path / "eval" / "tracking.json").write_text(json.dumps(
+        {"tracking_uri": "", "experiment_id": "", "parent_run_id": "", "eval_run_id": "", "model_uri": "",
+         "metrics": {}, "eval_set": "x", "data_version": None}))
+    result = CliRunner().invoke(app, ["promote", "-p", str(REPO / "params.yaml"), "-s", "tracking.retries=0",
+                                      "-s", f"tracking.uri=http://127.0.0.1:{free_port()}",
+                                      "-s", f"eval.output_dir={tmp_path / 'eval'}"])
+    assert result.exit_code == 6 and "unreachable" in result.output
+
+
+# --- the production topology: mlflow server + PostgreSQL + S3 ----------------------------------
+
+@pytest.fixture
+def production_stack(tmp_path):
+    """PostgreSQL 15, `rclone serve s3` and `mlflow server` on loopback, as docker-compose.yml runs them."""
+    pg_bin = Path("/usr/lib/postgresql/15/bin")
+    if not (pg_bin / "initdb").is_file():
+        pytest.skip("PostgreSQL 15 server binaries are not installed")
+    import tempfile
+
+    pg_root = Path(tempfile.mkdtemp(prefix="evaclip-pg-"))  # pytest's tmp folders are closed to other users
+    pg_root.chmod(0o755)
+    data = pg_root / "data"
+    data.mkdir()
+    shutil.chown(data, "postgres")
+    pg_port, s3_port, mlflow_port = free_port(), free_port(), free_port()
+    as_postgres = ["su", "postgres", "-s", "/bin/bash", "-c"]
+    subprocess.run([*as_postgres, f"{pg_bin}/initdb -D {data} -A trust -U postgres >/dev/null"], check=True)
+    subprocess.run([*as_postgres, f"{pg_bin}/pg_ctl -D {data} -o '-p {pg_port} -c listen_addresses=127.0.0.1 "
+                    f"-k {data}' -l {data}/log -w start >/dev/null"], check=True)
+    processes = []
+    try:
+        subprocess.run([*as_postgres, f"{pg_bin}/createdb -h 127.0.0.1 -p {pg_port} -U postgres mlflow"], check=True)
+        (tmp_path / "s3" / "mlflow").mkdir(parents=True)
+        processes.append(subprocess.Popen(
+            [str(BIN / "rclone"), "serve", "s3", str(tmp_path / "s3"), "--addr", f"127.0.0.1:{s3_port}",
+             "--auth-key", "key,secret", "--etag-hash", "MD5", "--force-path-style"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        s3_env = {"MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}", "AWS_ACCESS_KEY_ID": "key",
+                  "AWS_SECRET_ACCESS_KEY": "secret", "AWS_DEFAULT_REGION": "us-east-1"}
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **s3_env)
+        processes.append(subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+             "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:{pg_port}/mlflow",
+             "--artifacts-destination", "s3://mlflow/artifacts", "--serve-artifacts"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        wait_http(f"http://127.0.0.1:{mlflow_port}/health", 180)
+        yield f"http://127.0.0.1:{mlflow_port}", tmp_path / "s3" / "mlflow"
+    finally:
+        for process in reversed(processes):
+            try:
+                os.killpg(process.pid, 15)
+            except (ProcessLookupError, PermissionError):
+                process.terminate()
+            process.wait(timeout=60)
+        subprocess.run([*as_postgres, f"{pg_bin}/pg_ctl -D {data} -m fast -w stop >/dev/null"], check=False)
+        shutil.rmtree(pg_root, ignore_errors=True)
+
+
+def test_tracking_and_promotion_against_mlflow_server_postgres_and_s3(workspace, tmp_path, production_stack):
+    uri, bucket = production_stack
+    params = params_in(workspace, tmp_path / "run", f"tracking.uri={uri}")
+    record = log_run(params, evaluate(params, progress=False))
+    decision = register_and_promote(params, record)
+    assert decision.promoted and decision.champion == decision.version
+    assert any(p.name == "MLmodel" for p in bucket.rglob("*"))  # the model's files went to S3
+    model = mlflow.pyfunc.load_model(f"models:/{decision.name}@champion")
+    output = model.predict(pd.DataFrame({"image": [""], "text": ["a sea lion"]}))
+    assert len(output.embedding[0]) == 32

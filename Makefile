@@ -37,7 +37,9 @@ demo: setup
 	$(BIN)/evaclip prepare
 	$(BIN)/evaclip init
 	$(BIN)/evaclip train
-	@echo "evaluate and promote land with the evaluation/registry and orchestration issues"
+	$(BIN)/evaclip evaluate
+	$(BIN)/evaclip promote
+	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow/mlflow.db -h 127.0.0.1"
 
 test: setup
 	$(BIN)/pytest -q

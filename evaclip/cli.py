@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .config import Params, load_params, profile_path
-from .errors import EvaclipError, NotYetAvailableError
+from .errors import EvaclipError
 
 app = typer.Typer(
     help="Train EVA-CLIP models and ship them through a model registry.\n\n"
@@ -59,10 +59,6 @@ def _reports_errors(command):
             raise typer.Exit(error.exit_code) from None
 
     return wrapper
-
-
-def _not_yet(stage: str, issue: str) -> None:
-    raise NotYetAvailableError(f"`evaclip {stage}` is not yet available: it lands with the {issue} issue")
 
 
 @app.command()
@@ -161,9 +157,21 @@ def promote(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None,
 @app.command()
 @_reports_errors
 def pipeline(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None):
-    """Run every stage in order: prepare, init, train, evaluate, promote."""
-    _load(params, profile, set_)
-    _not_yet("pipeline", "orchestration")
+    """Run every stage in order as the Prefect flow `evaclip-pipeline`: prepare, init, train, evaluate, promote.
+
+    Without a Prefect server (PREFECT_API_URL) it runs on a temporary local one.
+    """
+    from flows.pipeline import PipelineParameters
+    from flows.pipeline import pipeline as pipeline_flow
+
+    _load(params, profile, set_)  # fail on a bad configuration before Prefect starts
+    summary = pipeline_flow(PipelineParameters(params_file=str(params), profile=profile, overrides=set_ or []))
+    metrics = summary["metrics"]
+    if "zeroshot_top1" in metrics:
+        out.print(f"zero-shot top-1: {metrics['zeroshot_top1']:.3f}")
+    decision = summary["decision"]
+    out.print(f"{decision['name']} version {decision['version']}: "
+              f"{'promoted' if decision['promoted'] else 'not promoted'} ({decision['reason']})")
 
 
 @app.command()

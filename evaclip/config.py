@@ -133,6 +133,7 @@ class TrainConfig(_Section):
     max_nonfinite_steps: int = Field(10, ge=0, description="consecutive non-finite steps tolerated")
     log_every: int = Field(10, gt=0)
     launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    hostfile: Optional[Path] = Field(None, description="DeepSpeed hostfile for several nodes (launcher: deepspeed)")
     seed: int = 0
 
     @property

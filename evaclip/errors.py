@@ -17,9 +17,3 @@ class CheckpointError(EvaclipError):
     """A weight file cannot be read safely or does not fit the architecture."""
 
     exit_code = 3
-
-
-class NotYetAvailableError(EvaclipError):
-    """A pipeline stage whose implementation has not landed yet."""
-
-    exit_code = 4

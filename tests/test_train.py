@@ -30,7 +30,7 @@ from evaclip.train import check_runnable
 from evaclip.train.ds_config import deepspeed_config
 
 from .conftest import REPO
-from .test_data import png
+from .test_data import image_folder, png
 
 BIN = Path(sys.executable).parent
 HERE = Path(__file__).resolve().parent
@@ -140,6 +140,7 @@ def micro_data(tmp_path_factory):
     overrides = [f"data.output_dir={root / 'data'}", "data.source=pairs", f"data.path={src}", "data.version=false",
                  "data.samples_per_shard=32"]
     prepare(load_params(REPO / "params.yaml", overrides))
+    image_folder(root / "data" / "eval-folder", per_class=2)
     return root / "data"
 
 
@@ -161,7 +162,8 @@ def _evaclip_train(args, **popen):
 
 def test_sigkill_mid_training_then_resume_ends_with_the_same_weights(micro_data, tmp_path):
     straight = tmp_path / "straight"
-    process = _evaclip_train(_train_overrides(micro_data, straight))
+    periodic = {"eval.every_n_steps": 12, "eval.sets": f"[{micro_data / 'eval-folder'}]"}
+    process = _evaclip_train(_train_overrides(micro_data, straight, **periodic))
     output = process.communicate(timeout=900)[0]
     assert process.returncode == 0, output[-4000:]
     expected = load_file(str(straight / "model.safetensors"))
@@ -169,6 +171,7 @@ def test_sigkill_mid_training_then_resume_ends_with_the_same_weights(micro_data,
     metrics = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 25)) and metrics[-1]["lr/visual"] == pytest.approx(0.0)
     assert [m["token_masking"] for m in metrics[-4:]] == [0.5, 0.0, 0.0, 0.0]  # FLIP's unmasked tuning
+    assert [m["step"] for m in metrics if "eval_zeroshot_top1" in m] == [12, 24]  # evaluation during training
 
     crashed = tmp_path / "crashed"
     process = _evaclip_train(_train_overrides(micro_data, crashed))
@@ -211,10 +214,16 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(micro_
     assert "3 consecutive non-finite losses at step 0 (train.max_nonfinite_steps=2)" in output
     assert sorted(p.name for p in out.glob("step_*")) == good and (out / "latest").read_text() == latest
 
+    # Resuming those checkpoints with another recipe would mix two runs: refused, naming what changed.
+    process = _evaclip_train(_train_overrides(micro_data, out, **{"train.steps": 4, "train.lr": 0.5}))
+    output = process.communicate(timeout=900)[0]
+    assert process.returncode != 0 and "was written by a different configuration (train.lr changed)" in output
+    assert sorted(p.name for p in out.glob("step_*")) == good
+
 
 @pytest.mark.parametrize("override, message", [
     ("train.precision=fp16", "train.precision: fp16 needs GPUs"),
-    ("train.warmup_steps=500", r"train.warmup_steps: 500 exceeds train.steps \(400\)"),
+    ("train.warmup_steps=500", r"train.warmup_steps: 500 exceeds train.steps \(300\)"),
     ("train.init_checkpoint=/nowhere/model.safetensors", "train.init_checkpoint: /nowhere/model.safetensors not found"),
     ("data.output_dir=/nowhere", r"data: no prepared shards in /nowhere \(run `evaclip prepare`"),
     ("data.samples_per_epoch=100", "data.samples_per_epoch: 100 is smaller than one global batch"),

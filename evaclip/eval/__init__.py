@@ -190,3 +190,37 @@ def plot_confusion(result: SetResult, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+class PeriodicEvaluation:
+    """A training callback (rank 0): zero-shot top-1/top-5 on the first evaluation set every N steps.
+
+    It adds `eval_<metric>` to that step's metrics, so the metrics file and MLflow get them too. Put it
+    before the callbacks that record metrics.
+    """
+
+    def __init__(self, params: Params):
+        self.params, self.every = params, params.eval.every_n_steps
+        self.evalset = load_eval_set(params.eval.sets[0], params.eval.templates)
+        _, self.preprocess = create_transforms(params.model.name)
+        self.tokenizer = get_tokenizer(params.model.name)
+
+    def on_train_start(self, info):
+        self.model = info["model"]
+
+    def on_step(self, step, metrics):
+        if self.every and step % self.every == 0 and self.evalset.kind == "classification":
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                result = zero_shot_classification(self.model, self.evalset, self.preprocess, self.tokenizer,
+                                                  self.params.eval.batch_size)
+            finally:
+                self.model.train(was_training)
+            metrics.update({f"eval_{k}": v for k, v in result.metrics.items() if k != "samples"})
+
+    def on_checkpoint(self, step, path):
+        pass
+
+    def on_train_end(self, info):
+        pass

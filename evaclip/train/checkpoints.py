@@ -8,6 +8,7 @@ done, so a crash at any moment leaves only complete checkpoints; `latest` names 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
 
 
 def _tag(step: int) -> str:
@@ -33,6 +35,12 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return path if path.is_dir() else None
 
 
+def trainer_state(path: Path) -> dict:
+    """The trainer state of a checkpoint, read without loading the model (for checks before resuming)."""
+    meta = Path(path) / TRAINER_STATE
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
 def save(engine, root: Path, state: dict, keep: int) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder."""
     root = Path(root)
@@ -45,6 +53,8 @@ def save(engine, root: Path, state: dict, keep: int) -> Path:
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"trainer_state": state}, save_latest=False)
     torch.save(_rng_state(), root / tmp_tag / f"rng_rank{rank}.pt")
+    if rank == 0:
+        (root / tmp_tag / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
     dist.barrier()
     if rank == 0:
         final = root / tag

@@ -69,9 +69,11 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
     if isinstance(optimizer, Lamb) and cfg.zero_stage > 0:
         optimizer.attach_zero_partitions(engine.optimizer)  # per-tensor trust ratios under ZeRO
 
-    state = {"step": 0, "samples_seen": 0, "epoch": 0, "samples_in_epoch": 0}
+    recipe = run_recipe(params)
+    state = {"step": 0, "samples_seen": 0, "epoch": 0, "samples_in_epoch": 0, "recipe": recipe}
     latest = checkpoints.latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if latest is not None:
+        _check_same_recipe(checkpoints.trainer_state(latest).get("recipe", {}), recipe, latest)
         state = checkpoints.load(engine, latest)  # restores this rank's RNG states too
     else:
         torch.manual_seed(cfg.seed * 1000 + rank)  # token masking differs per rank
@@ -81,6 +83,7 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
     tokenizer = get_tokenizer(params.model.name)
     for callback in callbacks:
         callback.on_train_start({"steps": cfg.steps, "start_step": state["step"], "world_size": world,
+                                 "model": engine.module,
                                  "resumed_from": str(latest) if latest else None,
                                  "init_checkpoint": str(start) if start else None})
 
@@ -149,6 +152,31 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
     for callback in callbacks:
         callback.on_train_end({"model_path": str(model_path), "steps": state["step"], "final_loss": loss_value})
     return result
+
+
+# Settings that may change between a run and its resume; everything else must match.
+_RESUMABLE = {"train.resume", "train.output_dir", "train.log_every", "train.checkpoint_every",
+              "train.keep_checkpoints", "train.launcher", "train.max_nonfinite_steps", "data.workers"}
+
+
+def run_recipe(params: Params) -> dict[str, str]:
+    """What defines a training run, flattened: a resume must continue the same recipe."""
+    flat: dict[str, str] = {}
+    for section in ("model", "train", "data"):
+        for key, value in getattr(params, section).model_dump(mode="json").items():
+            name = f"{section}.{key}"
+            if name not in _RESUMABLE:
+                flat[name] = str(value)
+    return flat
+
+
+def _check_same_recipe(saved: dict, current: dict, checkpoint: Path) -> None:
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if saved and changed:
+        raise EvaclipError(
+            f"{checkpoint} was written by a different configuration ({', '.join(changed[:8])} changed): "
+            "resuming it would mix two runs. Use another train.output_dir, or train.resume=false to start over."
+        )
 
 
 def _skip_batch(state: dict, cfg, world: int) -> None:

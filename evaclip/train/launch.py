@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +39,8 @@ def check_runnable(params: Params) -> None:
             f"data.samples_per_epoch: {samples} is smaller than one global batch "
             f"(train.batch_size {cfg.batch_size} x {world} processes x {cfg.grad_accum_steps} accumulation)"
         )
+    if cfg.nodes > 1 and cfg.launcher == "deepspeed" and cfg.hostfile is None:
+        raise ConfigError("train.hostfile: several nodes with the deepspeed launcher need a hostfile")
     if cfg.warmup_steps > cfg.steps:
         raise ConfigError(f"train.warmup_steps: {cfg.warmup_steps} exceeds train.steps ({cfg.steps})")
     start = init_checkpoint(params)
@@ -49,6 +52,8 @@ def check_runnable(params: Params) -> None:
         missing = [] if (Path(params.data.output_dir) / "train" / "manifest.json").is_file() else [str(params.data.output_dir)]
     if missing:
         raise ConfigError(f"data: no prepared shards in {', '.join(missing)} (run `evaclip prepare` or `dvc pull`)")
+    if params.eval.every_n_steps and not Path(params.eval.sets[0]).is_dir():
+        raise ConfigError(f"eval.sets: {params.eval.sets[0]} not found (needed by eval.every_n_steps)")
 
 
 def launch_command(params_file: Path, params: Params, master_port: Optional[int] = None) -> list[str]:
@@ -59,6 +64,8 @@ def launch_command(params_file: Path, params: Params, master_port: Optional[int]
         if launcher is None:
             raise ConfigError("train.launcher: the `deepspeed` launcher is not installed here; use torchrun")
         cmd = [launcher, "--num_gpus", str(cfg.devices)]
+        if cfg.hostfile is not None:
+            cmd += ["--hostfile", str(cfg.hostfile), "--num_nodes", str(cfg.nodes)]
         if master_port:
             cmd += ["--master_port", str(master_port)]
         return cmd + ["--module", "evaclip.train.worker", "--params", str(params_file)]
@@ -70,8 +77,12 @@ def launch_command(params_file: Path, params: Params, master_port: Optional[int]
     return cmd + ["-m", "evaclip.train.worker", "--params", str(params_file)]
 
 
-def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict] = None) -> Path:
-    """Validate, write the resolved params beside the outputs, run the launcher; returns the model path."""
+def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict] = None,
+           on_output: Optional[Callable[[str], None]] = None) -> Path:
+    """Validate, write the resolved params beside the outputs, run the launcher; returns the model path.
+
+    `on_output` receives the processes' output line by line (a flow's logger); default: this terminal.
+    """
     check_runnable(params)
     out = Path(params.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +90,15 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     process_env = dict(os.environ, **(env or {}))
     process_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // params.train.devices)))
-    result = subprocess.run(launch_command(params_file, params, master_port), env=process_env)
-    if result.returncode != 0:
-        raise EvaclipError(f"training failed (exit code {result.returncode}); the last good checkpoint is kept in {out}")
+    command = launch_command(params_file, params, master_port)
+    if on_output is None:
+        returncode = subprocess.run(command, env=process_env).returncode
+    else:
+        with subprocess.Popen(command, env=process_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, bufsize=1) as process:
+            for line in process.stdout:
+                on_output(line.rstrip())
+        returncode = process.returncode
+    if returncode != 0:
+        raise EvaclipError(f"training failed (exit code {returncode}); the last good checkpoint is kept in {out}")
     return out / "model.safetensors"

@@ -22,8 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     # torch deprecation notices from inside open_clip's loss and DeepSpeed, once per step and rank.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    callbacks = [ProgressBar(), MetricsFile(Path(params.train.output_dir) / "metrics.jsonl")]
+    if params.eval.every_n_steps and os.environ.get("RANK", "0") == "0":
+        from ..eval import PeriodicEvaluation
+
+        callbacks.insert(0, PeriodicEvaluation(params))  # before MetricsFile, which records what it adds
     try:
-        result = train(params, [ProgressBar(), MetricsFile(Path(params.train.output_dir) / "metrics.jsonl")])
+        result = train(params, callbacks)
     except EvaclipError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -45,7 +45,7 @@ test: setup
 	$(BIN)/pytest -q
 
 lint: setup
-	$(BIN)/ruff check evaclip tests benchmarks
+	$(BIN)/ruff check evaclip flows tests benchmarks
 
 bench: setup
 	@mkdir -p benchmarks/results

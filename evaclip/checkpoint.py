@@ -1,7 +1,8 @@
 """Reading and writing weight files, safely.
 
 Reading never executes code from a file: safetensors, or `torch.load(weights_only=True)` for
-PyTorch pickles, or a TorchScript archive's tensors (OpenAI's original CLIP `.pt` files).
+PyTorch pickles. TorchScript archives (OpenAI's original CLIP `.pt` files) can run code when loaded,
+so they are read only when the user says they trust them (`init.trust_torchscript`).
 Writing is atomic: a temporary name in the same folder, then a rename.
 """
 
@@ -28,7 +29,7 @@ SAFE_GLOBALS = [argparse.Namespace]
 WRAPPER_KEYS = ("model_ema", "model", "module", "state_dict")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, trust_torchscript: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a weight file, unwrapped from `model`/`module`/`model_ema`/`state_dict`."""
     path = Path(path)
     if not path.is_file():
@@ -39,6 +40,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as err:  # safetensors raises its own error types for truncated files
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
     if _is_torchscript(path):
+        if not trust_torchscript:
+            raise CheckpointError(
+                f"{path}: refused: a TorchScript archive (like OpenAI's original CLIP .pt files) can run code "
+                "when loaded. If you trust it, set init.trust_torchscript=true, or convert it once to safetensors."
+            )
         return _read_torchscript(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
@@ -78,7 +84,6 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
-    # A TorchScript archive holds its own graph; loading it reads tensors without running Python pickles.
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError as err:

@@ -22,7 +22,7 @@ PROFILES_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must never silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class ModelConfig(_Section):
@@ -44,6 +44,7 @@ class InitConfig(_Section):
     vision_format: Literal["auto", "timm", "eva", "clip"] = "auto"
     text: Optional[Path] = Field(None, description="OpenAI CLIP or open_clip weights for the text tower")
     text_format: Literal["auto", "openai", "open_clip", "hf"] = "auto"
+    trust_torchscript: bool = Field(False, description="read TorchScript archives (OpenAI's .pt): they can run code")
     allow_missing: list[str] = Field(
         default_factory=list,
         description="glob patterns of model keys you accept to start from random init",
@@ -168,7 +169,10 @@ class TrackingConfig(_Section):
 
 
 class Params(_Section):
-    """Everything one pipeline run needs."""
+    """Everything one pipeline run needs.
+
+    A few rules span sections: they are checked here so that they fail before any work.
+    """
 
     profile: str = Field("custom", description="name of the profile these values came from")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -177,6 +181,14 @@ class Params(_Section):
     train: TrainConfig
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _eval_on_logged_steps(self) -> Params:
+        every, log_every = self.eval.every_n_steps, self.train.log_every
+        if every and every % log_every:
+            raise ValueError(f"eval.every_n_steps ({every}) must be a multiple of train.log_every ({log_every}): "
+                             "evaluation during training runs on logged steps")
+        return self
 
 
 def profile_path(name: str) -> Path:

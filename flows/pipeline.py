@@ -4,7 +4,8 @@
     evaclip pipeline                              # the same flow from the CLI
 
 Each task wraps one library function; retries are declared where failures are transient (the DVC remote,
-the MLflow server). DVC commands are serialized by a lock in `evaclip.data.versioning`.
+the MLflow server; never on configuration or data errors). DVC commands are serialized by a lock in
+`evaclip.data.versioning`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from evaclip.config import Params, load_params, profile_path
 from evaclip.data import prepare
-from evaclip.eval import evaluate
+from evaclip.eval import EvalResult, evaluate
 from evaclip.init import initialize
 from evaclip.tracking import Decision, TrackingRecord, log_run, register_and_promote
 from evaclip.train import launch
@@ -44,7 +45,22 @@ def resolve(parameters: PipelineParameters) -> Params:
     return load_params(path, overrides)
 
 
-@task(retries=2, retry_delay_seconds=[10, 60])
+def transient(task, task_run, state) -> bool:
+    """Retry only failures that a later attempt can fix: an unreachable server or a network error."""
+    import requests
+
+    from evaclip.tracking import TrackingUnavailableError
+
+    try:
+        state.result()
+    except (TrackingUnavailableError, ConnectionError, TimeoutError, requests.RequestException):
+        return True
+    except Exception:  # noqa: BLE001 - a configuration or data error: retrying cannot help
+        return False
+    return False
+
+
+@task  # DVC retries its own network calls; rebuilding shards on a retry would repeat minutes of work
 def prepare_data(params: Params) -> dict:
     result = prepare(params)
     return {"samples": result.manifest["total"], "shards": len(result.manifest["shards"]),
@@ -63,12 +79,21 @@ def train_model(params: Params) -> str:
     return str(launch(params, on_output=logger.info))
 
 
-@task(retries=3, retry_delay_seconds=[5, 30, 120])
+@task
+def evaluate_model(params: Params) -> EvalResult:
+    return evaluate(params, progress=False)
+
+
+@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=transient)
+def log_to_mlflow(params: Params, result: EvalResult) -> TrackingRecord:
+    return log_run(params, result)
+
+
 def evaluate_and_log(params: Params) -> TrackingRecord:
-    return log_run(params, evaluate(params, progress=False))
+    return log_to_mlflow(params, evaluate_model(params))
 
 
-@task(retries=3, retry_delay_seconds=[5, 30, 120])
+@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=transient)
 def promote_model(params: Params, record: TrackingRecord) -> Decision:
     return register_and_promote(params, record)
 

@@ -87,7 +87,12 @@ def test_overrides_parse_values_like_yaml():
     ("train.zero_stage=3", r"train\.zero_stage: .*less than or equal to 2"),
     ("train.lr", r"expected KEY\.PATH=VALUE"),
     ("train.lr.max=1", r"train\.lr in .* is a value, not a section"),
+    ("eval.every_n_steps=15", r"eval.every_n_steps \(15\) must be a multiple of train.log_every \(10\)"),
 ])
 def test_invalid_overrides_fail_before_any_work(override, message):
     with pytest.raises(ConfigError, match=message):
         load_params(REPO / "params.yaml", [override])
+
+
+def test_a_number_given_for_a_text_setting_stays_text():
+    assert load_params(REPO / "params.yaml", ["tracking.experiment=2024"]).tracking.experiment == "2024"

@@ -219,3 +219,11 @@ def test_cli_init_prints_the_report_and_exits_3_on_a_mismatch(tmp_path, eva_mim_
     failed = runner.invoke(app, ["init", "-s", f"init.vision={bad}", "-s", f"init.output_dir={tmp_path / 'x'}"])
     assert failed.exit_code == 3
     assert "shape: visual.trunk.blocks.0.norm1.weight is (3,) in the file" in failed.output
+
+
+def test_torchscript_archives_are_read_only_when_trusted(tmp_path):
+    path = tmp_path / "ViT-B-16.pt"  # OpenAI's original files are TorchScript archives
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 3)), str(path))
+    with pytest.raises(CheckpointError, match="refused: a TorchScript archive .* init.trust_torchscript=true"):
+        read_state_dict(path)
+    assert set(read_state_dict(path, trust_torchscript=True)) == {"weight", "bias"}

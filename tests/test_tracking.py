@@ -201,9 +201,11 @@ def test_mlflow_models_serve_answers_invocations(logged):
     ({"zeroshot_top1": "0.9", "eval_set": "b"}, {"zeroshot_top1": "0.1", "eval_set": "a"}, (False, "evaluated on b")),
     ({"zeroshot_top1": "0.505", "eval_set": "a"}, {"zeroshot_top1": "0.5", "eval_set": "a"}, (False, "does not beat")),
     ({"zeroshot_top1": "0.52", "eval_set": "a"}, {"zeroshot_top1": "0.5", "eval_set": "a"}, (True, "beats")),
+    ({"image_to_text_R_at_1": "0.9", "eval_set": "a"}, None, (True, "no champion yet")),  # sanitized names
 ])
 def test_promotion_rule(candidate, champion, expected):
-    promote, reason = decide(candidate, champion, "zeroshot_top1", margin=0.01)
+    metric = "image_to_text_R@1" if "image_to_text_R_at_1" in candidate else "zeroshot_top1"
+    promote, reason = decide(candidate, champion, metric, margin=0.01)
     assert promote == expected[0] and expected[1] in reason
 
 
@@ -339,3 +341,8 @@ def test_tracking_and_promotion_against_mlflow_server_postgres_and_s3(workspace,
     model = mlflow.pyfunc.load_model(f"models:/{decision.name}@champion")
     output = model.predict(pd.DataFrame({"image": [""], "text": ["a sea lion"]}))
     assert len(output.embedding[0]) == 32
+
+
+def test_a_tie_is_not_an_improvement():
+    assert decide({"zeroshot_top1": "0.5", "eval_set": "a"}, {"zeroshot_top1": "0.5", "eval_set": "a"},
+                  "zeroshot_top1", margin=0.0)[0] is False

@@ -46,6 +46,7 @@ class EvalSet:
     classnames: list[str]
     templates: list[str]
     samples: Callable[[], Iterator[tuple[Image.Image, object]]]  # (image, label) or (image, [captions])
+    identity: str = ""  # name:fingerprint, set by load_eval_set
 
 
 def load_eval_set(path: str | Path, templates: Optional[str] = None) -> EvalSet:
@@ -65,7 +66,20 @@ def load_eval_set(path: str | Path, templates: Optional[str] = None) -> EvalSet:
             raise ConfigError(f"evaluation set {root}: no shards, class folders or images found")
     if templates is not None:
         found.templates = _templates(templates)
+    found.identity = f"{found.name}:{_fingerprint(root, found)}"
     return found
+
+
+def _fingerprint(root: Path, evalset: EvalSet) -> str:
+    """What makes two evaluations comparable: the same files (names and sizes), classes and templates.
+    The folder's location does not matter, so a set mounted elsewhere compares equal."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(root)}:{file.stat().st_size}\n".encode())
+    digest.update("\n".join(evalset.classnames + ["--"] + evalset.templates).encode())
+    return digest.hexdigest()[:16]
 
 
 def _templates(choice: str) -> list[str]:

@@ -35,6 +35,7 @@ from .shards import read_manifest, shard_path
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
+MAX_CONSECUTIVE_FAILURES = 1000
 
 
 @dataclass
@@ -51,6 +52,18 @@ def load_shard_set(path: Path, weight: float = 1.0) -> ShardSet:
     if missing:
         raise ConfigError(f"{path}: {len(missing)} shard(s) of the manifest are missing, e.g. {missing[0]} (dvc pull?)")
     return ShardSet(urls, manifest["total"], weight)
+
+
+def shard_sets_manifests(cfg: DataConfig) -> list[list[str]]:
+    """The shard checksums of every shard set: what identifies the training data."""
+    entries = [m.path for m in cfg.mix] or [Path(cfg.output_dir) / "train"]
+    out = []
+    for path in entries:
+        try:
+            out.append([s["sha256"] for s in read_manifest(Path(path))["shards"]])
+        except Exception:  # noqa: BLE001 - no manifest yet: check_runnable reports it
+            out.append([])
+    return out
 
 
 def shard_sets(cfg: DataConfig) -> list[ShardSet]:
@@ -119,6 +132,7 @@ class ImageTextStream(IterableDataset):
                 raise ConfigError(f"data: shards {urls[:3]}... yielded no samples (all unreadable?)")
 
     def _decoded(self, samples: Iterator[dict], rng_state: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        failures = 0
         for sample in samples:
             key = next((k for k in IMAGE_KEYS if k in sample), None)
             try:
@@ -136,8 +150,13 @@ class ImageTextStream(IterableDataset):
                         torch.set_rng_state(outer)
                 tokens = self.tokenizer([sample["txt"].decode("utf-8")])[0]
             except Exception as err:  # a bad sample in shards used in place: skip it, say so
+                failures += 1
                 log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), err)
+                if failures >= MAX_CONSECUTIVE_FAILURES:  # never loop forever over undecodable shards
+                    raise ConfigError(f"data: {failures} samples in a row could not be decoded, the last "
+                                      f"{sample.get('__key__')} of {sample.get('__url__')}: {err}") from err
                 continue
+            failures = 0
             yield pixels, tokens
 
 

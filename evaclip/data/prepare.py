@@ -9,6 +9,8 @@ existing webdataset shards (`data.source: wds`) are used in place: train/ then h
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -94,7 +96,12 @@ def index_existing_shards(path: Optional[Path], out_dir: Path, max_skipped_fract
     manifest = build_manifest(good, {"source": {"type": "wds", "path": str(Path(path).resolve())}}, base=None)
     for entry, shard in zip(manifest["shards"], good, strict=True):
         entry["name"] = str(shard)  # absolute: the shards stay where they are
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    (out_dir / QUALITY).write_text(json.dumps(quality, indent=2) + "\n")
+    # Replace the folder whole: no stale shards of an earlier source stay beside the new manifest.
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (tmp / QUALITY).write_text(json.dumps(quality, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
     return manifest

@@ -196,8 +196,9 @@ def check_tar(path: Path) -> tuple[int, Optional[str]]:
     try:
         with tarfile.open(path) as archive:
             for member in archive:
-                if member.isfile():
-                    keys.add(member.name.split(".", 1)[0])
+                if member.isfile():  # webdataset's key: the path up to the first dot of the file name
+                    folder, _, base = member.name.removeprefix("./").rpartition("/")
+                    keys.add(f"{folder}/{base.split('.', 1)[0]}")
     except (tarfile.TarError, EOFError, OSError) as err:
         return len(keys), str(err)
     return len(keys), None

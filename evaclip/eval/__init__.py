@@ -34,6 +34,7 @@ class SetResult:
     classnames: list[str] = field(default_factory=list)
     per_class: list[float] = field(default_factory=list)
     confusion: list[list[int]] = field(default_factory=list)
+    identity: str = ""  # what promotion compares: the same files, classes and templates
 
 
 @dataclass
@@ -72,7 +73,7 @@ def evaluate(params: Params, checkpoint: str | Path | None = None, progress: boo
     for path, evalset in zip(params.eval.sets, sets, strict=True):
         run = zero_shot_classification if evalset.kind == "classification" else retrieval
         result = run(model, evalset, preprocess, tokenizer, params.eval.batch_size, progress)
-        result.path = str(path)
+        result.path, result.identity = str(path), evalset.identity
         results.append(result)
     out = EvalResult(str(checkpoint), results, Path(params.eval.output_dir))
     write_reports(out)
@@ -94,14 +95,17 @@ def _batches(samples: Iterator, preprocess, batch_size: int):
 @torch.no_grad()
 def zero_shot_classification(model, evalset: EvalSet, preprocess, tokenizer, batch_size: int,
                              progress: bool = False) -> SetResult:
+    parameter = next(model.parameters())  # evaluate where and in what precision the model lives
+    device, dtype = parameter.device, parameter.dtype
     templates = [t.replace("{c}", "{}") for t in evalset.templates]  # CLIP_benchmark's {c} -> format's {}
-    classifier = build_zero_shot_classifier(model, tokenizer, evalset.classnames, templates, use_tqdm=progress)
+    classifier = build_zero_shot_classifier(model, tokenizer, evalset.classnames, templates, device=device,
+                                            use_tqdm=progress).float()
     n = len(evalset.classnames)
     confusion = np.zeros((n, n), dtype=np.int64)
     top5 = total = 0
     for images, labels in _tqdm(_batches(evalset.samples(), preprocess, batch_size), progress, evalset.name):
-        features = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
-        logits = features @ classifier
+        features = torch.nn.functional.normalize(model.encode_image(images.to(device, dtype)).float(), dim=-1)
+        logits = (features @ classifier).cpu()
         labels = torch.tensor(labels)
         ranked = logits.topk(min(5, n), dim=-1).indices
         top5 += (ranked == labels[:, None]).any(dim=-1).sum().item()

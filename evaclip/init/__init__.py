@@ -60,7 +60,7 @@ def initialize_model(params: Params) -> tuple[torch.nn.Module, InitReport]:
 
     cfg = params.init
     if cfg.vision is not None:
-        state_dict = read_state_dict(cfg.vision)
+        state_dict = read_state_dict(cfg.vision, cfg.trust_torchscript)
         fmt = vision.detect_format(state_dict) if cfg.vision_format == "auto" else cfg.vision_format
         mapped = vision.map_vision(state_dict, model.visual.trunk, fmt, report)
         loaded.update({f"visual.trunk.{k}": v for k, v in mapped.items()})
@@ -70,7 +70,7 @@ def initialize_model(params: Params) -> tuple[torch.nn.Module, InitReport]:
         report.sources["vision"] = {"random": True}
 
     if cfg.text is not None:
-        state_dict = read_state_dict(cfg.text)
+        state_dict = read_state_dict(cfg.text, cfg.trust_torchscript)
         fmt = text.detect_format(state_dict) if cfg.text_format == "auto" else cfg.text_format
         loaded.update(text.map_text(state_dict, expected, fmt, report))
         report.sources["text"] = {"path": str(cfg.text), "format": fmt}

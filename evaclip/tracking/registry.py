@@ -1,12 +1,13 @@
 """The model registry: every evaluated model becomes a version; `champion` moves only when it is better.
 
-Rule (`decide`): a version may replace the champion only if both were evaluated on the same set, it has
-the promotion metric, and it beats the champion's by at least `tracking.promotion_margin`. Aliases,
+Rule (`decide`): a version may replace the champion only if both were evaluated on the same set (its
+content, not its path), it has the promotion metric, and it beats the champion's by at least
+`tracking.promotion_margin` (strictly, when the margin is 0). Aliases,
 not the deprecated stages. The decision and its reason are tags on the version and on the run.
 
 Two pipelines finishing at once must not lose an update, and MLflow has no compare-and-set: so each
-promoter, after its own decision, recomputes the champion over every version marked eligible and
-re-checks after writing, until the alias it reads is the one the rule picks. Whichever promoter writes
+promoter stamps its version, and after its own decision recomputes the champion over the champion and
+every eligible version stamped in the last 10 minutes, and re-checks after writing, until the alias it reads is the one the rule picks. Whichever promoter writes
 last, the final champion is the best eligible version. A local file lock also serializes promoters that
 share a SQLite store.
 """
@@ -27,6 +28,7 @@ from .runs import TrackingRecord
 from .store import connect, tracking_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+CONCURRENCY_WINDOW_S = 600  # promotions started this recently may be racing each other
 
 
 @dataclass
@@ -45,8 +47,14 @@ def registered_name(params: Params) -> str:
     return name if name.startswith("evaclip") else f"evaclip-{name}"
 
 
+def tag_key(metric: str) -> str:
+    """A metric name as stored in MLflow tags and metrics (no '/' or '@')."""
+    return metric.replace("/", "_").replace("@", "_at_")
+
+
 def decide(candidate: dict, champion: Optional[dict], metric: str, margin: float) -> tuple[bool, str]:
-    """(promote?, why) for a candidate's tags against the champion's."""
+    """(promote?, why) for a candidate's tags against the champion's: it must beat it, by `margin` at least."""
+    metric = tag_key(metric)
     value = candidate.get(metric)
     if value is None:
         return False, f"no {metric} recorded"
@@ -56,7 +64,8 @@ def decide(candidate: dict, champion: Optional[dict], metric: str, margin: float
         return False, f"evaluated on {candidate.get('eval_set')}, the champion on {champion.get('eval_set')}"
     if champion.get(metric) is None:
         return True, "the champion has no comparable metric"
-    if float(value) >= float(champion[metric]) + margin:
+    gain = float(value) - float(champion[metric])
+    if gain > 0 and gain >= margin:
         return True, f"{metric} {float(value):.4f} beats the champion's {float(champion[metric]):.4f} by >= {margin}"
     return False, f"{metric} {float(value):.4f} does not beat the champion's {float(champion[metric]):.4f} by {margin}"
 
@@ -71,7 +80,7 @@ def register_and_promote(params: Params, record: TrackingRecord) -> Decision:
         pass  # exists already
     version = _version_of(client, name, record)
     tags = {"eval_set": record.eval_set, "data_version": record.data_version or "", "eval_run_id": record.eval_run_id,
-            **{k.replace("/", "_").replace("@", "_at_"): str(v) for k, v in record.metrics.items()}}
+            **{tag_key(k): str(v) for k, v in record.metrics.items()}}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)
@@ -81,6 +90,9 @@ def register_and_promote(params: Params, record: TrackingRecord) -> Decision:
         if champion_version == version:  # promoting again changes nothing
             promoted, reason = True, "already the champion"
         else:
+            # Concurrent promoters consider each other's recent versions, never old ones (so a manual
+            # rollback of the alias stays as the operator left it).
+            client.set_model_version_tag(name, version, "promotion_started", f"{time.time():.3f}")
             champion_tags = _tags(client, name, champion_version) if champion_version else None
             promoted, reason = decide(_tags(client, name, version), champion_tags, metric,
                                       params.tracking.promotion_margin)
@@ -121,7 +133,8 @@ def _best_eligible(client: MlflowClient, name: str, metric: str, margin: float) 
     candidates = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     for candidate in candidates:
         tags = dict(candidate.tags)
-        if tags.get("promotion_eligible") != "true" or candidate.version == best_version:
+        recent = time.time() - float(tags.get("promotion_started", 0)) < CONCURRENCY_WINDOW_S
+        if not recent or tags.get("promotion_eligible") != "true" or candidate.version == best_version:
             continue
         if decide(tags, best_tags, metric, margin)[0]:
             best_version, best_tags = candidate.version, tags

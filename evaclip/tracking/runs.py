@@ -14,6 +14,8 @@ from pathlib import Path
 import mlflow
 import torch
 
+import evaclip as evaclip_package
+
 from ..checkpoint import atomic_write_text
 from ..config import Params
 from ..data.versioning import data_version
@@ -179,11 +181,13 @@ def _log_stage_evaluate(params: Params, evaluation: EvalResult, tags: dict, pare
                 artifacts={"open_clip": str(export.directory)},
                 signature=pyfunc.signature(),
                 input_example=_input_example(first),
-                pip_requirements=[f"{p}=={version(p)}" for p in ("torch", "open_clip_torch", "timm")],
+                pip_requirements=[f"{p}=={version(p).split('+')[0]}"
+                                  for p in ("torch", "torchvision", "open_clip_torch", "timm", "pydantic", "pyyaml")],
+                code_paths=[str(Path(evaclip_package.__file__).parent)],  # our tower sizes and the pyfunc class
             )
         mlflow.set_tag("model_uri", info.model_uri)
         return TrackingRecord("", experiment, parent_id, run.info.run_id, info.model_uri,
-                              evaluation.metrics, first.path, tags.get("data_version"))
+                              evaluation.metrics, first.identity or first.path, tags.get("data_version"))
 
 
 def _input_example(first):

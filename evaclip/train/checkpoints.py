@@ -63,7 +63,9 @@ def save(engine, root: Path, state: dict, keep: int) -> Path:
         pointer = root / f".{LATEST}.tmp"
         pointer.write_text(tag + "\n")
         os.replace(pointer, root / LATEST)
-        for old in sorted(root.glob("step_*"))[:-keep]:
+        # Keep the newest `keep` up to this step; never the one just written, nor a longer earlier run's.
+        earlier = sorted(p for p in root.glob("step_*") if p.name < tag)
+        for old in earlier[: max(0, len(earlier) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return root / tag
@@ -76,12 +78,15 @@ def load(engine, path: Path) -> dict:
                                              load_lr_scheduler_states=True)
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(torch.load(rng_file, weights_only=True))
     return client_state["trainer_state"]
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # Plain tuples, ints and tensors only, so that loading needs no pickled classes (weights_only=True).
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -89,7 +94,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

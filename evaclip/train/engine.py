@@ -6,7 +6,10 @@ Started once per process by a launcher (`torchrun` or `deepspeed`, see `launch.p
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +54,10 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
     from open_clip.loss import ClipLoss
 
     cfg = params.train
+    if torch.cuda.is_available():  # before anything touches CUDA: each rank on its own GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     callbacks = list(callbacks) if rank == 0 else []
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
@@ -68,8 +72,9 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
     )
     if isinstance(optimizer, Lamb) and cfg.zero_stage > 0:
         optimizer.attach_zero_partitions(engine.optimizer)  # per-tensor trust ratios under ZeRO
+    device = engine.device
 
-    recipe = run_recipe(params)
+    recipe = run_recipe(params, start)
     state = {"step": 0, "samples_seen": 0, "epoch": 0, "samples_in_epoch": 0, "recipe": recipe}
     latest = checkpoints.latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if latest is not None:
@@ -88,6 +93,7 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
                                  "init_checkpoint": str(start) if start else None})
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    last_logged = state["step"]
     nonfinite, loss_value = 0, float("nan")
     micro = 0
     while state["step"] < cfg.steps:
@@ -102,7 +108,7 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
             image_features, text_features, logit_scale = engine(images.to(device, dtype), texts.to(device))
             # The contrastive loss in fp32 whatever the compute precision: its logits span a wide range.
             loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float().clamp(max=MAX_LOGIT_SCALE))
-            if not _finite_everywhere(loss):
+            if not _finite_everywhere(loss, device):
                 # Skip on every rank alike, keep the last good checkpoint untouched.
                 nonfinite += 1
                 if nonfinite > cfg.max_nonfinite_steps:
@@ -131,7 +137,8 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
             state["step"] += 1
             if callbacks and (state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps):
                 elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-                metrics = _metrics(loss_value, engine, scheduler, logit_scale, cfg, elapsed, masking)
+                steps_done, last_logged = state["step"] - last_logged, state["step"]
+                metrics = _metrics(loss_value, engine, logit_scale, cfg, elapsed, masking, steps_done)
                 for callback in callbacks:
                     callback.on_step(state["step"], metrics)
             if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
@@ -159,14 +166,20 @@ _RESUMABLE = {"train.resume", "train.output_dir", "train.log_every", "train.chec
               "train.keep_checkpoints", "train.launcher", "train.max_nonfinite_steps", "data.workers"}
 
 
-def run_recipe(params: Params) -> dict[str, str]:
-    """What defines a training run, flattened: a resume must continue the same recipe."""
+def run_recipe(params: Params, init_checkpoint: Path | None = None) -> dict[str, str]:
+    """What defines a training run, flattened: a resume must continue the same recipe, on the same data
+    (the shard checksums of the manifests) from the same initial weights (their SHA-256)."""
+    from ..data.loader import shard_sets_manifests
+    from ..data.shards import sha256
+
     flat: dict[str, str] = {}
     for section in ("model", "train", "data"):
         for key, value in getattr(params, section).model_dump(mode="json").items():
             name = f"{section}.{key}"
             if name not in _RESUMABLE:
                 flat[name] = str(value)
+    flat["data.shards"] = hashlib.sha256(json.dumps(shard_sets_manifests(params.data)).encode()).hexdigest()
+    flat["init.weights"] = sha256(Path(init_checkpoint)) if init_checkpoint else "random"
     return flat
 
 
@@ -185,18 +198,18 @@ def _skip_batch(state: dict, cfg, world: int) -> None:
     state["samples_in_epoch"] += consumed
 
 
-def _finite_everywhere(loss: torch.Tensor) -> bool:
-    flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0])
+def _finite_everywhere(loss: torch.Tensor, device) -> bool:
+    flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=device)  # NCCL needs it on the GPU
     dist.all_reduce(flag)
     return flag.item() == 0
 
 
-def _metrics(loss, engine, scheduler, logit_scale, cfg, elapsed, masking) -> dict[str, float]:
+def _metrics(loss, engine, logit_scale, cfg, elapsed, masking, steps_done) -> dict[str, float]:
     lrs = {}
     for group in engine.optimizer.param_groups:
         tower = group.get("name", "other").split(".")[0]
         lrs[f"lr/{tower}"] = max(lrs.get(f"lr/{tower}", 0.0), group["lr"])
-    samples = cfg.batch_size * dist.get_world_size() * cfg.grad_accum_steps * cfg.log_every
+    samples = cfg.batch_size * dist.get_world_size() * cfg.grad_accum_steps * steps_done
     return {
         "loss": loss,
         **{k: float(v) for k, v in lrs.items()},

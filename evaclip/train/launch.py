@@ -7,6 +7,7 @@ launcher). Many nodes: run the same command on each node with `--nnodes`/`--node
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -90,6 +91,8 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     process_env = dict(os.environ, **(env or {}))
     process_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // params.train.devices)))
+    error_file = out / "error.json"  # written by rank 0 on a known error (see worker.py)
+    error_file.unlink(missing_ok=True)
     command = launch_command(params_file, params, master_port)
     if on_output is None:
         returncode = subprocess.run(command, env=process_env).returncode
@@ -100,5 +103,10 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
                 on_output(line.rstrip())
         returncode = process.returncode
     if returncode != 0:
-        raise EvaclipError(f"training failed (exit code {returncode}); the last good checkpoint is kept in {out}")
+        error = EvaclipError(f"training failed (exit code {returncode}); the last good checkpoint is kept in {out}")
+        if error_file.is_file():
+            known = json.loads(error_file.read_text())
+            error = EvaclipError(f"training stopped: {known['message']}")
+            error.exit_code = known["exit_code"]
+        raise error
     return out / "model.safetensors"

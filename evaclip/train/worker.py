@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -12,6 +13,8 @@ from ..config import load_params
 from ..errors import EvaclipError
 from .callbacks import MetricsFile, ProgressBar
 from .engine import train
+
+ERROR_FILE = "error.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         result = train(params, callbacks)
     except EvaclipError as err:
         print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # the launcher re-raises it with its exit code
+            error_file = Path(params.train.output_dir) / ERROR_FILE
+            error_file.write_text(json.dumps({"exit_code": err.exit_code, "message": str(err)}))
         return err.exit_code
     if os.environ.get("RANK", "0") == "0":
         print(f"trained {result.steps} steps ({result.samples_seen} samples): {result.model_path}")

@@ -68,3 +68,14 @@ class MetricsFile(BaseCallback):
     def on_step(self, step, metrics):
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+
+    def on_train_end(self, info):
+        """The same rows as CSV beside it, for `dvc plots` (which reads CSV / JSON, not JSON lines)."""
+        import csv
+
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        with open(self.path.with_suffix(".csv"), "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)

@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 90
 export HF_HUB_OFFLINE = 1
 
-.PHONY: setup demo test lint bench lock clean
+.PHONY: setup demo test lint bench lock clean serve
 
 setup: $(STAMP)
 
@@ -53,6 +53,18 @@ bench: setup
 	$(BIN)/python benchmarks/bench_train.py
 	test -f data/train/manifest.json || $(BIN)/evaclip prepare
 	$(BIN)/python benchmarks/bench_loader.py
+
+# A local Prefect server and process worker on 127.0.0.1, with the deployments of prefect.yaml.
+serve: setup
+	@mkdir -p outputs/prefect
+	PREFECT_HOME=$(CURDIR)/outputs/prefect $(BIN)/prefect server start --host 127.0.0.1 --port 4200 \
+	  > outputs/prefect/server.log 2>&1 & \
+	export PREFECT_API_URL=http://127.0.0.1:4200/api EVACLIP_HOME=$(CURDIR); \
+	until curl -fs $$PREFECT_API_URL/health >/dev/null; do sleep 1; done; \
+	$(BIN)/prefect work-pool create evaclip --type process --overwrite >/dev/null; \
+	$(BIN)/prefect --no-prompt deploy --all; \
+	echo "Prefect UI: http://127.0.0.1:4200   run: prefect deployment run 'evaclip-pipeline/weekly-retraining' --watch"; \
+	$(BIN)/prefect worker start --pool evaclip
 
 lock: setup
 	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^evaclip'; } > constraints.txt.new && mv constraints.txt.new constraints.txt

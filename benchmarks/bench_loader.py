@@ -11,21 +11,17 @@ Needs `evaclip prepare` first. Writes benchmarks/results/loader.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import open_clip
 import torch
+from results_io import save
 from timm.optim import Lamb
 
 from evaclip.config import load_params
 from evaclip.data import make_train_loader
 from evaclip.model import create_model, create_transforms, get_tokenizer
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def loader_rate(params, workers: int, batch: int, batches: int) -> float:
@@ -78,11 +74,8 @@ def main() -> None:
         "batch": args.batch,
         "images_per_s": median,
         "loader_over_consumption": {k: v / consumption for k, v in median.items() if k != "train_step"},
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "loader.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    save("loader", result)
     print(f"\n| loader (batch {args.batch}) | images/s | over the training step's consumption |")
     print("|---|---|---|")
     for name, value in median.items():

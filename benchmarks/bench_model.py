@@ -10,18 +10,14 @@ Prints one JSON line and a short table; writes benchmarks/results/model.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from results_io import save
 
 from evaclip.config import ModelConfig
 from evaclip.model import create_model, set_attention_backend, set_token_masking
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def vision_step(model, images) -> float:
@@ -68,12 +64,8 @@ def main() -> None:
         "masking_step_ratio_0_5": median["mask_0.5_sdpa"] / base,
         "masking_step_ratio_0_75": median["mask_0.75_sdpa"] / base,
         "math_over_sdpa": median["mask_0.0_math"] / base,
-        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__,
-                    "cuda": torch.cuda.is_available()},
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "model.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    save("model", result)
     print(f"\n| variant ({args.model}, batch {args.batch}) | median step (s) | ratio to mask 0 / sdpa |")
     print("|---|---|---|")
     for name, value in median.items():

@@ -15,21 +15,17 @@ Writes benchmarks/results/train.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import open_clip
 import torch
+from results_io import save
 
 from evaclip.config import ModelConfig, TrainConfig
 from evaclip.model import create_model, set_attention_backend, set_token_masking
 from evaclip.optim import Lamb, param_groups
 from evaclip.optim.lamb import _segments
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def train_step(model, optimizer, loss_fn, images, texts) -> tuple[float, int]:
@@ -120,11 +116,8 @@ def main() -> None:
         "saved_activation_bytes": saved,
         "activation_ratio_mask_0_5": saved["mask_0.5"] / saved["mask_0.0"],
         "zero1_lamb": zero_lamb_step_ratio(model.cpu(), args.reps),
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    save("train", result)
     print(f"\n| training step ({args.model}, batch {args.batch}, {device}) | median (s) | ratio | saved activations (MB) |")
     print("|---|---|---|---|")
     for name, value in median.items():

@@ -88,7 +88,7 @@ def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
         module = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError as err:
         raise CheckpointError(f"{path}: not a readable TorchScript archive ({err})") from None
-    return {k: v for k, v in module.state_dict().items()}
+    return dict(module.state_dict())
 
 
 def write_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:

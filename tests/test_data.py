@@ -61,6 +61,16 @@ def png(color, size=(8, 8)) -> bytes:
     return buffer.getvalue()
 
 
+def red_blue_pairs(root: Path, n: int) -> Path:
+    """`n` 32x32 caption pairs, red to blue, captioned by their half: a source a tiny CLIP can learn."""
+    root.mkdir(parents=True)
+    step = 256 // n
+    for i in range(n):
+        (root / f"{i:03d}.png").write_bytes(png((step * i, 0, 255 - step * i), size=(32, 32)))
+        (root / f"{i:03d}.txt").write_text(f"a {'red' if i < n // 2 else 'blue'} square")
+    return root
+
+
 def image_folder(root: Path, per_class=6, classes=("cat", "dog", "sea_lion")) -> Path:
     for c, name in enumerate(classes):
         (root / name).mkdir(parents=True)

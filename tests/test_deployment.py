@@ -16,7 +16,7 @@ import yaml
 from evaclip.config import load_params
 
 from .conftest import REPO
-from .test_data import image_folder, png
+from .test_data import image_folder, red_blue_pairs
 from .test_tracking import free_port, wait_http
 
 BIN = Path(sys.executable).parent
@@ -35,11 +35,7 @@ def test_deploy_and_run_the_pipeline_on_a_real_prefect_server(tmp_path):
     project.mkdir()
     shutil.copytree(REPO / "flows", project / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "prefect.yaml", project / "prefect.yaml")
-    source = tmp_path / "pairs"
-    source.mkdir()
-    for i in range(64):
-        (source / f"{i:03d}.png").write_bytes(png((4 * i, 0, 255 - 4 * i), size=(32, 32)))
-        (source / f"{i:03d}.txt").write_text(f"a {'red' if i < 32 else 'blue'} square")
+    source = red_blue_pairs(tmp_path / "pairs", 64)
     evalset = image_folder(tmp_path / "evalset", per_class=2)
     params = load_params(REPO / "params.yaml", [
         "model.name=evaclip-micro", "data.source=pairs", f"data.path={source}", "data.samples_per_shard=16",

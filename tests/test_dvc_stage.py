@@ -14,7 +14,7 @@ import yaml
 from evaclip.config import load_params
 
 from .conftest import REPO
-from .test_data import image_folder, png
+from .test_data import image_folder, red_blue_pairs
 
 BIN = Path(sys.executable).parent
 
@@ -63,11 +63,7 @@ def test_dvc_repro_runs_init_once_and_again_only_when_its_params_change(tmp_path
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_dvc_repro_pipeline_reruns_only_what_a_changed_train_param_touches(tmp_path):
-    source = tmp_path / "pairs"
-    source.mkdir()
-    for i in range(64):
-        (source / f"{i:03d}.png").write_bytes(png((4 * i, 0, 255 - 4 * i), size=(32, 32)))
-        (source / f"{i:03d}.txt").write_text(f"a {'red' if i < 32 else 'blue'} square")
+    source = red_blue_pairs(tmp_path / "pairs", 64)
     evalset = image_folder(tmp_path / "evalset", per_class=2)
     project = _project(tmp_path / "project", [
         "model.name=evaclip-micro", "data.source=pairs", f"data.path={source}", "data.samples_per_shard=16",

@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 from .conftest import REPO
-from .test_data import png
+from .test_data import png, red_blue_pairs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -28,11 +28,7 @@ def test_pipeline_flow_prepares_trains_evaluates_and_promotes(prefect_api, tmp_p
 
     from flows.pipeline import PipelineParameters, pipeline
 
-    source = tmp_path / "pairs"
-    source.mkdir()
-    for i in range(128):
-        (source / f"{i:03d}.png").write_bytes(png((2 * i, 0, 255 - 2 * i), size=(32, 32)))
-        (source / f"{i:03d}.txt").write_text(f"a {'red' if i < 64 else 'blue'} square")
+    source = red_blue_pairs(tmp_path / "pairs", 128)
     evalset = tmp_path / "eval"
     for name, color in (("red", (250, 0, 5)), ("blue", (5, 0, 250))):
         (evalset / name).mkdir(parents=True)

@@ -54,11 +54,15 @@ def load_shard_set(path: Path, weight: float = 1.0) -> ShardSet:
     return ShardSet(urls, manifest["total"], weight)
 
 
+def _mixture(cfg: DataConfig) -> list[tuple[Path, float]]:
+    """(folder, weight) of every training shard set: `data.mix`, or the prepared `output_dir/train`."""
+    return [(Path(m.path), m.weight) for m in cfg.mix] or [(Path(cfg.output_dir) / "train", 1.0)]
+
+
 def shard_sets_manifests(cfg: DataConfig) -> list[list[str]]:
     """The shard checksums of every shard set: what identifies the training data."""
-    entries = [m.path for m in cfg.mix] or [Path(cfg.output_dir) / "train"]
     out = []
-    for path in entries:
+    for path, _ in _mixture(cfg):
         try:
             out.append([s["sha256"] for s in read_manifest(Path(path))["shards"]])
         except Exception:  # noqa: BLE001 - no manifest yet: check_runnable reports it
@@ -67,8 +71,7 @@ def shard_sets_manifests(cfg: DataConfig) -> list[list[str]]:
 
 
 def shard_sets(cfg: DataConfig) -> list[ShardSet]:
-    entries = [(m.path, m.weight) for m in cfg.mix] or [(Path(cfg.output_dir) / "train", 1.0)]
-    return [load_shard_set(Path(path), weight) for path, weight in entries]
+    return [load_shard_set(path, weight) for path, weight in _mixture(cfg)]
 
 
 class ImageTextStream(IterableDataset):

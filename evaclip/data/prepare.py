@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
 from ..config import Params
 from ..errors import ConfigError, EvaclipError
 from . import versioning
+from .evalsets import openai_templates
 from .shards import QUALITY, build_manifest, write_shard_set
 from .sources import SOURCES, check_tar
 
@@ -30,11 +29,6 @@ class PrepareResult:
     manifest: dict
     eval_dirs: list[Path]
     data_version: Optional[str]
-
-
-def openai_templates_text() -> str:
-    """The 80 OpenAI ImageNet prompt templates, one per line, with `{c}` as CLIP_benchmark writes them."""
-    return "\n".join(t("{c}") for t in OPENAI_IMAGENET_TEMPLATES) + "\n"
 
 
 def prepare(params: Params) -> PrepareResult:
@@ -65,7 +59,7 @@ def prepare(params: Params) -> PrepareResult:
                 extra_manifest=dict(described, split="test"),
                 extra_files={
                     "classnames.txt": "\n".join(source.classnames or []) + "\n",
-                    "zeroshot_classification_templates.txt": openai_templates_text(),
+                    "zeroshot_classification_templates.txt": "\n".join(openai_templates()) + "\n",
                 },
             )
             eval_dirs.append(eval_dir)
@@ -93,7 +87,7 @@ def index_existing_shards(path: Optional[Path], out_dir: Path, max_skipped_fract
                "examples": {"truncated_tar": list(bad.items())[:10]} if bad else {}}
     if fraction > max_skipped_fraction or not good:
         raise EvaclipError(f"{path}: {len(bad)} of {len(shards)} shards unreadable: {json.dumps(quality['examples'])}")
-    manifest = build_manifest(good, {"source": {"type": "wds", "path": str(Path(path).resolve())}}, base=None)
+    manifest = build_manifest(good, {"source": {"type": "wds", "path": str(Path(path).resolve())}})
     for entry, shard in zip(manifest["shards"], good, strict=True):
         entry["name"] = str(shard)  # absolute: the shards stay where they are
     # Replace the folder whole: no stale shards of an earlier source stay beside the new manifest.

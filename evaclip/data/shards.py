@@ -146,7 +146,7 @@ def _record(sample: Sample) -> dict:
     return record
 
 
-def build_manifest(shards: list[Path], extra: Optional[dict] = None, base: Optional[Path] = None) -> dict:
+def build_manifest(shards: list[Path], extra: Optional[dict] = None) -> dict:
     """Samples per shard, total, sizes and SHA-256 checksums. No timestamps: deterministic."""
     from .sources import check_tar
 
@@ -156,7 +156,7 @@ def build_manifest(shards: list[Path], extra: Optional[dict] = None, base: Optio
         if error:
             raise EvaclipError(f"{shard}: unreadable tar ({error})")
         entries.append({
-            "name": str(shard.relative_to(base)) if base else shard.name,
+            "name": shard.name,
             "samples": samples,
             "bytes": shard.stat().st_size,
             "sha256": sha256(shard),

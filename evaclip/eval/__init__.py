@@ -23,6 +23,7 @@ from ..config import Params
 from ..data.evalsets import EvalSet, load_eval_set
 from ..errors import ConfigError
 from ..model import create_model, create_transforms, get_tokenizer
+from ..train.callbacks import BaseCallback
 
 
 @dataclass
@@ -196,7 +197,7 @@ def plot_confusion(result: SetResult, path: Path) -> None:
     plt.close(fig)
 
 
-class PeriodicEvaluation:
+class PeriodicEvaluation(BaseCallback):
     """A training callback (rank 0): zero-shot top-1/top-5 on the first evaluation set every N steps.
 
     It adds `eval_<metric>` to that step's metrics, so the metrics file and MLflow get them too. Put it
@@ -222,9 +223,3 @@ class PeriodicEvaluation:
             finally:
                 self.model.train(was_training)
             metrics.update({f"eval_{k}": v for k, v in result.metrics.items() if k != "samples"})
-
-    def on_checkpoint(self, step, path):
-        pass
-
-    def on_train_end(self, info):
-        pass

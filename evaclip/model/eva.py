@@ -31,20 +31,18 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def _eva02_clip(variant: str, pretrained: bool, grid: int, kwargs: dict, **size) -> Eva:
+    """An EVA-02 CLIP tower of `size` (img_size, patch_size, embed_dim, depth, num_heads) on a `grid`^2 patch grid."""
+    model_args = dict(ref_feat_shape=(grid, grid), global_pool=kwargs.pop("global_pool", "token"), **size,
+                      **EVA02_CLIP_ARGS)
+    return _create_eva(variant, pretrained=pretrained, **dict(model_args, **kwargs))
+
+
 @register_model
 def eva02_demo_patch4_clip_32(pretrained: bool = False, **kwargs) -> Eva:
     """Demo EVA-02 CLIP tower: 32x32 images, 4x4 patches (64 tokens + CLS), width 192, depth 6."""
-    model_args = dict(
-        img_size=32,
-        patch_size=4,
-        embed_dim=192,
-        depth=6,
-        num_heads=3,
-        ref_feat_shape=(8, 8),
-        global_pool=kwargs.pop("global_pool", "token"),
-        **EVA02_CLIP_ARGS,
-    )
-    return _create_eva("eva02_demo_patch4_clip_32", pretrained=pretrained, **dict(model_args, **kwargs))
+    return _eva02_clip("eva02_demo_patch4_clip_32", pretrained, 8, kwargs,
+                       img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3)
 
 
 @register_model
@@ -57,14 +55,5 @@ def eva02_demo_patch4_mim_32(pretrained: bool = False, **kwargs) -> Eva:
 @register_model
 def eva02_micro_patch8_clip_32(pretrained: bool = False, **kwargs) -> Eva:
     """A micro EVA-02 CLIP tower (16 tokens + CLS, width 64, depth 2) for fast multi-process tests."""
-    model_args = dict(
-        img_size=32,
-        patch_size=8,
-        embed_dim=64,
-        depth=2,
-        num_heads=2,
-        ref_feat_shape=(4, 4),
-        global_pool=kwargs.pop("global_pool", "token"),
-        **EVA02_CLIP_ARGS,
-    )
-    return _create_eva("eva02_micro_patch8_clip_32", pretrained=pretrained, **dict(model_args, **kwargs))
+    return _eva02_clip("eva02_micro_patch8_clip_32", pretrained, 4, kwargs,
+                       img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)

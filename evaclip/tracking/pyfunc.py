@@ -73,5 +73,7 @@ def signature() -> ModelSignature:
 
 
 def encode_image(path_or_bytes) -> str:
-    data = path_or_bytes if isinstance(path_or_bytes, bytes) else open(path_or_bytes, "rb").read()
+    from pathlib import Path
+
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
     return base64.b64encode(data).decode()

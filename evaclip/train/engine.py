@@ -66,7 +66,7 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
     if start is not None:
         load_model_weights(model, start)
     optimizer = create_optimizer(model, cfg)
-    engine, _, _, scheduler = deepspeed.initialize(
+    engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg)),
     )

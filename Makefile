@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 90
 export HF_HUB_OFFLINE = 1
 
-.PHONY: setup demo test lint bench lock clean serve
+.PHONY: setup demo test lint bench lock clean serve stack
 
 setup: $(STAMP)
 
@@ -32,20 +32,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
+# The Prefect flow on a local (ephemeral) Prefect API whose history stays in outputs/prefect;
+# a second run skips the stages whose parameters and inputs did not change.
 demo: setup
-	$(BIN)/evaclip config show
-	$(BIN)/evaclip prepare
-	$(BIN)/evaclip init
-	$(BIN)/evaclip train
-	$(BIN)/evaclip evaluate
-	$(BIN)/evaclip promote
-	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow/mlflow.db -h 127.0.0.1"
+	PREFECT_HOME=$(CURDIR)/outputs/prefect $(BIN)/evaclip pipeline
 
 test: setup
 	$(BIN)/pytest -q
 
 lint: setup
-	$(BIN)/ruff check evaclip flows tests benchmarks
+	$(BIN)/ruff check evaclip flows deploy tests benchmarks
 
 bench: setup
 	@mkdir -p benchmarks/results
@@ -65,6 +61,10 @@ serve: setup
 	$(BIN)/prefect --no-prompt deploy --all; \
 	echo "Prefect UI: http://127.0.0.1:4200   run: prefect deployment run 'evaclip-pipeline/weekly-retraining' --watch"; \
 	$(BIN)/prefect worker start --pool evaclip
+
+# docker-compose's topology natively on 127.0.0.1 (PostgreSQL, S3 via rclone, MLflow, Prefect server + worker).
+stack: setup
+	$(BIN)/python deploy/stack.py --state outputs/stack
 
 lock: setup
 	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^evaclip'; } > constraints.txt.new && mv constraints.txt.new constraints.txt

@@ -156,22 +156,63 @@ def promote(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None,
 
 @app.command()
 @_reports_errors
-def pipeline(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None):
+def pipeline(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None,
+             force: Annotated[bool, typer.Option(help="Run every stage, even those whose inputs did not change.")] = False):
     """Run every stage in order as the Prefect flow `evaclip-pipeline`: prepare, init, train, evaluate, promote.
 
+    Stages whose parameters and inputs did not change since their last run are skipped.
     Without a Prefect server (PREFECT_API_URL) it runs on a temporary local one.
     """
     from flows.pipeline import PipelineParameters
     from flows.pipeline import pipeline as pipeline_flow
 
-    _load(params, profile, set_)  # fail on a bad configuration before Prefect starts
-    summary = pipeline_flow(PipelineParameters(params_file=str(params), profile=profile, overrides=set_ or []))
-    metrics = summary["metrics"]
+    cfg = _load(params, profile, set_)  # fail on a bad configuration before Prefect starts
+    summary = pipeline_flow(PipelineParameters(params_file=str(params), profile=profile, overrides=set_ or [],
+                                               force=force))
+    _print_summary(cfg, summary)
+
+
+def _print_summary(cfg: Params, summary: dict) -> None:
+    import os
+
+    from rich.table import Table
+
+    from .tracking.store import tracking_uri
+
+    table = Table(title="evaclip pipeline", title_justify="left")
+    for column in ("stage", "status", "seconds", "result"):
+        table.add_column(column)
+    metrics, decision, data = summary["metrics"], summary["decision"], summary["data"]
+    results = {
+        "prepare": f"{data['samples']} samples, {data['shards']} shards, "
+                   + (f"data version {data['data_version'][:12]}" if data.get("data_version") else "not versioned"),
+        "init": (f"{summary['init']['loaded']} tensors loaded, {summary['init']['new']} new"
+                 if summary["init"]["loaded"] else "random initialization"),
+        "train": f"model {summary['train']['model']}",
+        "evaluate": ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k in ("zeroshot_top1", "zeroshot_top5")),
+        "promote": f"{decision['name']} v{decision['version']}: "
+                   f"{'promoted' if decision['promoted'] else 'not promoted'} ({decision['reason']})",
+    }
+    for stage, report in summary["stages"].items():
+        table.add_row(stage, "skipped (unchanged)" if report["skipped"] else "ran", f"{report['seconds']:.1f}",
+                      escape(results.get(stage, "")))
+    out.print(table)
     if "zeroshot_top1" in metrics:
-        out.print(f"zero-shot top-1: {metrics['zeroshot_top1']:.3f}")
-    decision = summary["decision"]
-    out.print(f"{decision['name']} version {decision['version']}: "
-              f"{'promoted' if decision['promoted'] else 'not promoted'} ({decision['reason']})")
+        out.print(f"zero-shot top-1: {metrics['zeroshot_top1']:.3f}", highlight=False)
+    uri = tracking_uri(cfg)
+    prefect_api = os.environ.get("PREFECT_API_URL")
+    out.print("Open the UIs:", highlight=False)
+    if prefect_api:
+        out.print(f"  Prefect: {prefect_api.removesuffix('/api')}", highlight=False)
+    else:
+        home = os.environ.get("PREFECT_HOME", "~/.prefect")
+        out.print(f"  Prefect: PREFECT_HOME={home} prefect server start --host 127.0.0.1  "
+                  "# then http://127.0.0.1:4200", highlight=False, soft_wrap=True)
+    if uri.startswith(("http://", "https://")):
+        out.print(f"  MLflow:  {uri}", highlight=False)
+    else:
+        out.print(f"  MLflow:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1  # then http://127.0.0.1:5000",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()

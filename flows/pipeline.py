@@ -5,18 +5,24 @@
 
 Each task wraps one library function; retries are declared where failures are transient (the DVC remote,
 the MLflow server; never on configuration or data errors). DVC commands are serialized by a lock in
-`evaclip.data.versioning`.
+`evaclip.data.versioning`. A stage whose parameters and inputs did not change since its last run is
+skipped (`evaclip.stages`); `force=True` runs everything.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
 from typing import Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
+from evaclip import stages
 from evaclip.config import Params, load_params, profile_path
 from evaclip.data import prepare
 from evaclip.eval import EvalResult, evaluate
@@ -33,6 +39,7 @@ class PipelineParameters(BaseModel):
     overrides: list[str] = Field(default_factory=list, description="KEY.PATH=VALUE overrides, e.g. train.lr=1e-3")
     devices: Optional[int] = Field(None, gt=0, description="training processes (GPUs, or CPU processes)")
     data_source: Optional[str] = Field(None, description="fashion_mnist | image_folder | pairs | wds")
+    force: bool = Field(False, description="run every stage, even those whose inputs did not change")
 
 
 def resolve(parameters: PipelineParameters) -> Params:
@@ -74,9 +81,9 @@ def initialize_weights(params: Params) -> dict:
 
 
 @task
-def train_model(params: Params) -> str:
+def train_model(params: Params) -> dict:
     logger = get_run_logger()
-    return str(launch(params, on_output=logger.info))
+    return {"model": str(launch(params, on_output=logger.info))}
 
 
 @task
@@ -89,8 +96,8 @@ def log_to_mlflow(params: Params, result: EvalResult) -> TrackingRecord:
     return log_run(params, result)
 
 
-def evaluate_and_log(params: Params) -> TrackingRecord:
-    return log_to_mlflow(params, evaluate_model(params))
+def evaluate_and_log(params: Params) -> dict:
+    return asdict(log_to_mlflow(params, evaluate_model(params)))
 
 
 @task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=transient)
@@ -98,36 +105,65 @@ def promote_model(params: Params, record: TrackingRecord) -> Decision:
     return register_and_promote(params, record)
 
 
+def run_stage(stage: str, params: Params, run: Callable[[Params], dict], force: bool = False) -> dict:
+    """Run `stage` unless its parameters, inputs and outputs are as its last run left them."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    summary = None if force else stages.current(params, stage)
+    skipped = summary is not None
+    if skipped:
+        logger.info(f"{stage}: unchanged since its last run (key {stages.stage_key(params, stage)[:12]}), skipped")
+    else:
+        if stage == "train" and stages.stamp_path(params, stage).is_file():
+            # The finished run in train.output_dir had another recipe (new data, new parameters):
+            # start a new one instead of refusing to resume it. Its model is in the MLflow registry.
+            params = params.model_copy(update={"train": params.train.model_copy(update={"resume": False})})
+        stages.forget(params, stage)  # a stage that fails half-way leaves no stamp behind
+        summary = run(params)
+        stages.record(params, stage, summary)
+    return {**summary, "skipped": skipped, "seconds": time.perf_counter() - started}
+
+
 @flow(name="evaclip-pipeline", log_prints=True)
 def pipeline(parameters: PipelineParameters = PipelineParameters()) -> dict:
     """Data (prepare + DVC push) -> EVA init -> DeepSpeed training -> zero-shot evaluation -> promotion."""
     params = resolve(parameters)
-    data = prepare_data(params)
-    init = initialize_weights(params)
-    train_model(params)
-    record = evaluate_and_log(params)
+    force = parameters.force
+    data = run_stage("prepare", params, prepare_data, force)
+    init = run_stage("init", params, initialize_weights, force)
+    train = run_stage("train", params, train_model, force)
+    evaluation = run_stage("evaluate", params, evaluate_and_log, force)
+    record = TrackingRecord(**{k: evaluation[k] for k in TrackingRecord.__dataclass_fields__})
+    started = time.perf_counter()
     decision = promote_model(params, record)
-    summary = {"data": data, "init": init, "metrics": record.metrics, "model_uri": record.model_uri,
-               "eval_run_id": record.eval_run_id, "decision": decision.__dict__}
-    create_markdown_artifact(markdown=summary_markdown(params, record, decision, data), key="evaclip-pipeline",
-                             description="EVA-CLIP pipeline run")
+    stage_report = {"prepare": data, "init": init, "train": train, "evaluate": evaluation,
+                    "promote": {"skipped": False, "seconds": time.perf_counter() - started}}
+    summary = {"data": data, "init": init, "train": train, "metrics": record.metrics, "model_uri": record.model_uri,
+               "eval_run_id": record.eval_run_id, "decision": decision.__dict__,
+               "stages": {name: {"skipped": s["skipped"], "seconds": round(s["seconds"], 1)}
+                          for name, s in stage_report.items()}}
+    create_markdown_artifact(markdown=summary_markdown(params, record, decision, data, summary["stages"]),
+                             key="evaclip-pipeline", description="EVA-CLIP pipeline run")
     return summary
 
 
+@flow(name="evaclip-data")
+def data_flow(parameters: PipelineParameters = PipelineParameters()) -> dict:
+    return run_stage("prepare", resolve(parameters), prepare_data, parameters.force)
+
+
 @flow(name="evaclip-train")
-def train_flow(parameters: PipelineParameters = PipelineParameters()) -> str:
+def train_flow(parameters: PipelineParameters = PipelineParameters()) -> dict:
     return train_model(resolve(parameters))
 
 
 @flow(name="evaclip-evaluate")
 def evaluate_flow(parameters: PipelineParameters = PipelineParameters()) -> dict:
-    return evaluate_and_log(resolve(parameters)).metrics
+    return evaluate_and_log(resolve(parameters))["metrics"]
 
 
 @flow(name="evaclip-promote")
 def promote_flow(parameters: PipelineParameters = PipelineParameters()) -> dict:
-    from pathlib import Path
-
     from evaclip.tracking import RECORD
 
     params = resolve(parameters)
@@ -135,12 +171,16 @@ def promote_flow(parameters: PipelineParameters = PipelineParameters()) -> dict:
     return promote_model(params, record).__dict__
 
 
-def summary_markdown(params: Params, record: TrackingRecord, decision: Decision, data: dict) -> str:
+def summary_markdown(params: Params, record: TrackingRecord, decision: Decision, data: dict,
+                     stage_report: dict) -> str:
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in record.metrics.items() if "/" not in k and k != "samples")
+    timings = "\n".join(f"| {name} | {'skipped (unchanged)' if s['skipped'] else 'ran'} | {s['seconds']:.1f} |"
+                        for name, s in stage_report.items())
     verdict = "**promoted to champion**" if decision.promoted else "not promoted"
     return (
         f"# EVA-CLIP pipeline: {params.model.name} ({params.profile})\n\n"
         f"| metric | value |\n|---|---|\n{rows}\n\n"
+        f"| stage | status | seconds |\n|---|---|---|\n{timings}\n\n"
         f"Model `{decision.name}` version {decision.version}: {verdict}. Reason: {decision.reason}. "
         f"Champion: version {decision.champion}.\n\n"
         f"MLflow run `{record.eval_run_id}` ({record.tracking_uri}); model `{record.model_uri}`.\n\n"

@@ -1,7 +1,7 @@
 """Evaluation, MLflow tracking, the pyfunc model, serving and the registry's promotion rule.
 
-Real stores only: SQLite for most tests, and a real `mlflow server` with PostgreSQL and S3 artifacts
-(rclone on loopback), the docker-compose topology, for the production test.
+Real stores only: SQLite here; tests/test_stack.py runs the pipeline against a real `mlflow server` with
+PostgreSQL and S3 artifacts (the docker-compose topology, natively).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -280,67 +279,6 @@ def test_an_unreachable_server_gets_retries_then_a_clear_error(workspace, tmp_pa
                                       "-s", f"tracking.uri=http://127.0.0.1:{free_port()}",
                                       "-s", f"eval.output_dir={tmp_path / 'eval'}"])
     assert result.exit_code == 6 and "unreachable" in result.output
-
-
-# --- the production topology: mlflow server + PostgreSQL + S3 ----------------------------------
-
-@pytest.fixture
-def production_stack(tmp_path):
-    """PostgreSQL 15, `rclone serve s3` and `mlflow server` on loopback, as docker-compose.yml runs them."""
-    pg_bin = Path("/usr/lib/postgresql/15/bin")
-    if not (pg_bin / "initdb").is_file():
-        pytest.skip("PostgreSQL 15 server binaries are not installed")
-    import tempfile
-
-    pg_root = Path(tempfile.mkdtemp(prefix="evaclip-pg-"))  # pytest's tmp folders are closed to other users
-    pg_root.chmod(0o755)
-    data = pg_root / "data"
-    data.mkdir()
-    shutil.chown(data, "postgres")
-    pg_port, s3_port, mlflow_port = free_port(), free_port(), free_port()
-    as_postgres = ["su", "postgres", "-s", "/bin/bash", "-c"]
-    subprocess.run([*as_postgres, f"{pg_bin}/initdb -D {data} -A trust -U postgres >/dev/null"], check=True)
-    subprocess.run([*as_postgres, f"{pg_bin}/pg_ctl -D {data} -o '-p {pg_port} -c listen_addresses=127.0.0.1 "
-                    f"-k {data}' -l {data}/log -w start >/dev/null"], check=True)
-    processes = []
-    try:
-        subprocess.run([*as_postgres, f"{pg_bin}/createdb -h 127.0.0.1 -p {pg_port} -U postgres mlflow"], check=True)
-        (tmp_path / "s3" / "mlflow").mkdir(parents=True)
-        processes.append(subprocess.Popen(
-            [str(BIN / "rclone"), "serve", "s3", str(tmp_path / "s3"), "--addr", f"127.0.0.1:{s3_port}",
-             "--auth-key", "key,secret", "--etag-hash", "MD5", "--force-path-style"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        s3_env = {"MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}", "AWS_ACCESS_KEY_ID": "key",
-                  "AWS_SECRET_ACCESS_KEY": "secret", "AWS_DEFAULT_REGION": "us-east-1"}
-        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **s3_env)
-        processes.append(subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-             "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:{pg_port}/mlflow",
-             "--artifacts-destination", "s3://mlflow/artifacts", "--serve-artifacts"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        wait_http(f"http://127.0.0.1:{mlflow_port}/health", 180)
-        yield f"http://127.0.0.1:{mlflow_port}", tmp_path / "s3" / "mlflow"
-    finally:
-        for process in reversed(processes):
-            try:
-                os.killpg(process.pid, 15)
-            except (ProcessLookupError, PermissionError):
-                process.terminate()
-            process.wait(timeout=60)
-        subprocess.run([*as_postgres, f"{pg_bin}/pg_ctl -D {data} -m fast -w stop >/dev/null"], check=False)
-        shutil.rmtree(pg_root, ignore_errors=True)
-
-
-def test_tracking_and_promotion_against_mlflow_server_postgres_and_s3(workspace, tmp_path, production_stack):
-    uri, bucket = production_stack
-    params = params_in(workspace, tmp_path / "run", f"tracking.uri={uri}")
-    record = log_run(params, evaluate(params, progress=False))
-    decision = register_and_promote(params, record)
-    assert decision.promoted and decision.champion == decision.version
-    assert any(p.name == "MLmodel" for p in bucket.rglob("*"))  # the model's files went to S3
-    model = mlflow.pyfunc.load_model(f"models:/{decision.name}@champion")
-    output = model.predict(pd.DataFrame({"image": [""], "text": ["a sea lion"]}))
-    assert len(output.embedding[0]) == 32
 
 
 def test_a_tie_is_not_an_improvement():

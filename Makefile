@@ -58,7 +58,7 @@ serve: setup
 	export PREFECT_API_URL=http://127.0.0.1:4200/api EVACLIP_HOME=$(CURDIR); \
 	until curl -fs $$PREFECT_API_URL/health >/dev/null; do sleep 1; done; \
 	$(BIN)/prefect work-pool create evaclip --type process --overwrite >/dev/null; \
-	$(BIN)/prefect --no-prompt deploy --all; \
+	$(BIN)/prefect --no-prompt deploy --name weekly-retraining; \
 	echo "Prefect UI: http://127.0.0.1:4200   run: prefect deployment run 'evaclip-pipeline/weekly-retraining' --watch"; \
 	$(BIN)/prefect worker start --pool evaclip
 

@@ -9,7 +9,7 @@
 | minio + minio-buckets  | `rclone serve s3` with the buckets `mlflow` and `dvc` as folders      |
 | mlflow                 | `mlflow server`: PostgreSQL backend, artifacts proxied to s3://mlflow |
 | prefect-server         | `prefect server start` (SQLite under the state folder)                |
-| prefect-worker         | the process pool `evaclip`, `prefect deploy --all`, `prefect worker`  |
+| prefect-worker         | the process pool `evaclip`, `prefect deploy -n weekly-retraining`, `prefect worker`  |
 
 Everything binds to 127.0.0.1. State (databases, buckets) persists in the state folder between runs,
 as the compose file's named volumes do. The checkout's DVC repository gets a remote named `stack`
@@ -156,7 +156,7 @@ class Stack:
                                        "--port", str(port)])
         self._wait_http(f"http://127.0.0.1:{port}/api/health", "prefect server")
         self._prefect("work-pool", "create", POOL, "--type", "process", "--overwrite")
-        self._prefect("--no-prompt", "deploy", "--all")
+        self._prefect("--no-prompt", "deploy", "--name", "weekly-retraining")  # gpu-cluster needs Kubernetes
         if self.worker:
             self._spawn("prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOL])
 

@@ -249,3 +249,16 @@ def test_deepspeed_launcher_and_bf16_on_cpu(micro_data, tmp_path):
     weights = load_file(str(out / "model.safetensors"))
     assert weights["visual.trunk.blocks.0.attn.q_proj.weight"].dtype == torch.bfloat16
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
+
+
+def test_progress_in_a_log_is_one_plain_line_per_logged_step(capsys):
+    from evaclip.train import ProgressBar
+
+    bar = ProgressBar(every=2, interactive=False)
+    bar.on_train_start({"steps": 4, "start_step": 0})
+    for step in (2, 4):
+        bar.on_step(step, {"loss": 1.5, "lr/visual": 1e-3, "samples_per_s": 100.0})
+    bar.on_train_end({})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" loss")[0] for line in lines] == ["train step 2/4", "train step 4/4"]
+    assert "samples/s 100.0" in lines[0] and lines[1].endswith("eta 0s")

@@ -6,6 +6,7 @@ The engine never imports a tracking library: the tracking layer is one more `Cal
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,21 +34,36 @@ class BaseCallback:
 
 
 class ProgressBar(BaseCallback):
-    """tqdm bar on rank 0: samples/s, loss, lr and ETA."""
+    """Progress on rank 0: a tqdm bar in a terminal; in a log (a Prefect flow, CI) one plain line every
+    `every` steps, since a bar redrawn with carriage returns never reaches a line-based log."""
+
+    def __init__(self, every: int = 10, interactive: bool | None = None):
+        self.every = every
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
 
     def on_train_start(self, info):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=info["steps"], initial=info["start_step"], unit="step", dynamic_ncols=True,
-                        desc="train", mininterval=2.0)
+        self.total, self.started = info["steps"], time.perf_counter()
+        self.first = info["start_step"]
+        if self.interactive:
+            self.bar = tqdm(total=info["steps"], initial=info["start_step"], unit="step", dynamic_ncols=True,
+                            desc="train", mininterval=2.0)
 
     def on_step(self, step, metrics):
-        self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr/visual']:.2e}",
-                             samples_s=f"{metrics['samples_per_s']:.1f}", refresh=False)
+        if self.interactive:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr/visual']:.2e}",
+                                 samples_s=f"{metrics['samples_per_s']:.1f}", refresh=False)
+        elif step % self.every == 0 or step == self.total:
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / max(step - self.first, 1) * (self.total - step)
+            print(f"train step {step}/{self.total} loss {metrics['loss']:.4f} lr {metrics['lr/visual']:.2e} "
+                  f"samples/s {metrics['samples_per_s']:.1f} eta {eta:.0f}s", flush=True)
 
     def on_train_end(self, info):
-        self.bar.close()
+        if self.interactive:
+            self.bar.close()
 
 
 class MetricsFile(BaseCallback):

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     # torch deprecation notices from inside open_clip's loss and DeepSpeed, once per step and rank.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    callbacks = [ProgressBar(), MetricsFile(Path(params.train.output_dir) / "metrics.jsonl")]
+    callbacks = [ProgressBar(every=params.train.log_every), MetricsFile(Path(params.train.output_dir) / "metrics.jsonl")]
     if params.eval.every_n_steps and os.environ.get("RANK", "0") == "0":
         from ..eval import PeriodicEvaluation
 

@@ -2,7 +2,7 @@
 
 Every variant runs alternately in the same process (round robin, several repetitions, median), so
 the figures that matter are ratios that a noisy shared machine does not distort much.
-Prints one JSON line and a short table; writes benchmarks/results/model.json.
+Prints one JSON line and a short table; writes benchmarks/results/model-MODEL.json.
 
     python benchmarks/bench_model.py [--model evaclip-demo] [--batch 64] [--reps 7]
 """
@@ -65,7 +65,7 @@ def main() -> None:
         "masking_step_ratio_0_75": median["mask_0.75_sdpa"] / base,
         "math_over_sdpa": median["mask_0.0_math"] / base,
     }
-    save("model", result)
+    save(f"model-{args.model}", result)
     print(f"\n| variant ({args.model}, batch {args.batch}) | median step (s) | ratio to mask 0 / sdpa |")
     print("|---|---|---|")
     for name, value in median.items():

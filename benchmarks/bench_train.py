@@ -7,7 +7,7 @@
 - The ZeRO-aware LAMB step on a rank's flat partition (per-tensor trust ratios from segment sums)
   against the plain per-tensor LAMB step on the same parameters (one process: the all-reduce of the
   per-tensor sums is not included).
-Writes benchmarks/results/train.json.
+Writes benchmarks/results/train-MODEL.json.
 
     python benchmarks/bench_train.py [--model evaclip-demo] [--batch 64] [--reps 5]
 """
@@ -117,7 +117,7 @@ def main() -> None:
         "activation_ratio_mask_0_5": saved["mask_0.5"] / saved["mask_0.0"],
         "zero1_lamb": zero_lamb_step_ratio(model.cpu(), args.reps),
     }
-    save("train", result)
+    save(f"train-{args.model}", result)
     print(f"\n| training step ({args.model}, batch {args.batch}, {device}) | median (s) | ratio | saved activations (MB) |")
     print("|---|---|---|---|")
     for name, value in median.items():

@@ -22,7 +22,7 @@ from .errors import EvaclipError
 
 app = typer.Typer(
     help="Train EVA-CLIP models and ship them through a model registry.\n\n"
-    "Stages: prepare -> init -> train -> evaluate -> promote (or all of them: pipeline).",
+    "Stages: prepare -> [pretrain] -> init -> train -> evaluate -> promote (or all of them: pipeline).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -101,6 +101,35 @@ def init(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, se
 
 @app.command()
 @_reports_errors
+def pretrain(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None,
+             if_teacher: Annotated[bool, typer.Option(
+                 "--if-teacher", help="Without pretrain.teacher, record that there is none instead of failing "
+                                      "(dvc.yaml's stage).")] = False):
+    """EVA weights by masked image modelling against a CLIP teacher's features (pretrain.teacher).
+
+    Writes pretrain.output_dir/eva.safetensors (an EVA MIM checkpoint) and logs the run to MLflow;
+    then `-s init.vision=outputs/pretrain/eva.safetensors` starts the next EVA-CLIP from it.
+    """
+    import json
+
+    from .checkpoint import atomic_write_text
+    from .tracking import log_pretrain_run
+    from .train import launch
+
+    cfg = _load(params, profile, set_)
+    if if_teacher and not cfg.pretrain.teacher:
+        note = "pretrain.teacher is not set: nothing to pre-train; init.vision decides where the vision tower starts"
+        atomic_write_text(Path(cfg.pretrain.output_dir) / "status.json", json.dumps({"teacher": None, "note": note}) + "\n")
+        out.print(note)
+        return
+    checkpoint = launch(cfg, stage="pretrain")
+    run_id = log_pretrain_run(cfg, checkpoint)
+    out.print(f"EVA checkpoint: {checkpoint} (MLflow run {run_id})")
+    out.print(f"initialize from it: evaclip init -s init.vision={checkpoint}")
+
+
+@app.command()
+@_reports_errors
 def train(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None):
     """Train with DeepSpeed (ZeRO-1, LAMB, token masking) from the initialized checkpoint.
 
@@ -157,7 +186,9 @@ def promote(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None,
 @app.command()
 @_reports_errors
 def pipeline(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None,
-             force: Annotated[bool, typer.Option(help="Run every stage, even those whose inputs did not change.")] = False):
+             force: Annotated[bool, typer.Option(help="Run every stage, even those whose inputs did not change.")] = False,
+             bootstrap: Annotated[bool, typer.Option(
+                 help="EVA-02's loop: pre-train a fresh EVA from the registry's champion and start from it.")] = False):
     """Run every stage in order as the Prefect flow `evaclip-pipeline`: prepare, init, train, evaluate, promote.
 
     Stages whose parameters and inputs did not change since their last run are skipped.
@@ -168,7 +199,7 @@ def pipeline(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
 
     cfg = _load(params, profile, set_)  # fail on a bad configuration before Prefect starts
     summary = pipeline_flow(PipelineParameters(params_file=str(params), profile=profile, overrides=set_ or [],
-                                               force=force))
+                                               force=force, bootstrap=bootstrap))
     _print_summary(cfg, summary)
 
 
@@ -186,6 +217,8 @@ def _print_summary(cfg: Params, summary: dict) -> None:
     results = {
         "prepare": f"{data['samples']} samples, {data['shards']} shards, "
                    + (f"data version {data['data_version'][:12]}" if data.get("data_version") else "not versioned"),
+        "pretrain": (f"EVA distilled from {summary['pretrain']['teacher']}" if (summary.get("pretrain") or {}).get("teacher")
+                     else "no champion yet: this run starts from random initialization"),
         "init": (f"{summary['init']['loaded']} tensors loaded, {summary['init']['new']} new"
                  if summary["init"]["loaded"] else "random initialization"),
         "train": f"model {summary['train']['model']}",
@@ -194,7 +227,10 @@ def _print_summary(cfg: Params, summary: dict) -> None:
                    f"{'promoted' if decision['promoted'] else 'not promoted'} ({decision['reason']})",
     }
     for stage, report in summary["stages"].items():
-        table.add_row(stage, "skipped (unchanged)" if report["skipped"] else "ran", f"{report['seconds']:.1f}",
+        status = "skipped (unchanged)" if report["skipped"] else "ran"
+        if stage == "pretrain" and not (summary.get("pretrain") or {}).get("teacher"):
+            status = "not needed"
+        table.add_row(stage, status, f"{report['seconds']:.1f}",
                       escape(results.get(stage, "")))
     out.print(table)
     if "zeroshot_top1" in metrics:
@@ -213,6 +249,29 @@ def _print_summary(cfg: Params, summary: dict) -> None:
     else:
         out.print(f"  MLflow:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1  # then http://127.0.0.1:5000",
                   highlight=False, soft_wrap=True)
+
+
+@app.command()
+@_reports_errors
+def ablation(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None,
+             seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each row runs once per seed.")] = "0,1",
+             rows: Annotated[str, typer.Option(help="Comma-separated rows of the paper's ablation (1-6).")] = "1,2,3,4,5,6",
+             eva: Annotated[Optional[Path], typer.Option(help="EVA weights for rows 2-6 (default: pre-train a fresh "
+                                                              "EVA from the registry's champion).")] = None):
+    """The EVA-CLIP paper's ablation at this configuration's scale, as the Prefect flow `evaclip-ablation`.
+
+    Rows: random init + AdamW; EVA init + AdamW; EVA init + LAMB; + 50% token masking; + unmasked tuning;
+    math instead of sdpa attention (time only). Writes outputs/ablation/table.md.
+    """
+    from flows.ablation import AblationParameters
+    from flows.ablation import ablation as ablation_flow
+
+    _load(params, profile, set_)
+    result = ablation_flow(AblationParameters(
+        params_file=str(params), profile=profile, overrides=set_ or [],
+        seeds=[int(s) for s in seeds.split(",")], rows=[int(r) for r in rows.split(",")],
+        eva_checkpoint=str(eva) if eva else None))
+    out.print(result["table"], highlight=False)
 
 
 @app.command()

@@ -158,6 +158,23 @@ class EvalConfig(_Section):
     output_dir: Path = Path("outputs/eval")
 
 
+class PretrainConfig(_Section):
+    """EVA-style masked image modelling of the vision tower (`evaclip pretrain`); hardware from train.*."""
+
+    teacher: Optional[str] = Field(None, description="a CLIP weight file, or models:/NAME@ALIAS from the registry")
+    teacher_model: Optional[str] = Field(None, description="a teacher file's model config; default: model.name")
+    resample_teacher: bool = Field(True, description="resample a teacher feature grid unlike the student's; false: refuse")
+    mask_ratio: float = Field(0.4, gt=0, lt=1, description="fraction of patches masked, block-wise")
+    min_block_patches: int = Field(4, ge=1)
+    steps: int = Field(200, gt=0)
+    batch_size: int = Field(128, gt=0, description="samples per device per step")
+    lr: float = Field(1.5e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    output_dir: Path = Path("outputs/pretrain")
+    seed: int = 0
+
+
 class TrackingConfig(_Section):
     uri: Optional[str] = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite")
     default_store: Path = Field(Path("outputs/mlflow"), description="SQLite file and artifacts when no URI is set")
@@ -180,6 +197,7 @@ class Params(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")

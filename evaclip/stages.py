@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from .config import Params
 
-STAGES = ("prepare", "init", "train", "evaluate")
+STAGES = ("prepare", "pretrain", "init", "train", "evaluate")
 
 # data.* keys that shape the shards; the others only steer the loader.
 _PREPARE_KEYS = ("source", "path", "image_column", "caption_column", "caption_templates", "eval_path",
@@ -29,7 +29,8 @@ _PREPARE_KEYS = ("source", "path", "image_column", "caption_column", "caption_te
 
 
 def output_dir(params: Params, stage: str) -> Path:
-    return Path({"prepare": params.data.output_dir, "init": params.init.output_dir,
+    return Path({"prepare": params.data.output_dir, "pretrain": params.pretrain.output_dir,
+                 "init": params.init.output_dir,
                  "train": params.train.output_dir, "evaluate": params.eval.output_dir}[stage])
 
 
@@ -95,6 +96,14 @@ def _key_parts(params: Params, stage: str) -> dict[str, Any]:
         return {"data": {k: data[k] for k in _PREPARE_KEYS},
                 "source_files": tree_signature(source) if source else None,
                 "eval_files": tree_signature(params.data.eval_path) if params.data.eval_path else None}
+    if stage == "pretrain":
+        from .data.loader import shard_sets_manifests
+
+        teacher = params.pretrain.teacher or ""
+        return {"model": params.model.name, "pretrain": params.pretrain.model_dump(mode="json"),
+                "teacher": teacher if teacher.startswith("models:/") else tree_signature(teacher) if teacher else None,
+                "data": _digest(shard_sets_manifests(params.data)),
+                "hardware": {k: getattr(params.train, k) for k in ("devices", "nodes", "precision", "zero_stage")}}
     if stage == "init":
         init = params.init.model_dump(mode="json")
         return {"model": params.model.name, "init": init,

@@ -27,7 +27,7 @@ from evaclip.config import Params, load_params, profile_path
 from evaclip.data import prepare
 from evaclip.eval import EvalResult, evaluate
 from evaclip.init import initialize
-from evaclip.tracking import Decision, TrackingRecord, log_run, register_and_promote
+from evaclip.tracking import Decision, TrackingRecord, champion_uri, log_pretrain_run, log_run, register_and_promote
 from evaclip.train import launch
 
 
@@ -40,6 +40,8 @@ class PipelineParameters(BaseModel):
     devices: Optional[int] = Field(None, gt=0, description="training processes (GPUs, or CPU processes)")
     data_source: Optional[str] = Field(None, description="fashion_mnist | image_folder | pairs | wds")
     force: bool = Field(False, description="run every stage, even those whose inputs did not change")
+    bootstrap: bool = Field(False, description="EVA-02's loop: pre-train a fresh EVA from the registry's champion "
+                                               "(masked image modelling) and start the new EVA-CLIP from it")
 
 
 def resolve(parameters: PipelineParameters) -> Params:
@@ -72,6 +74,35 @@ def prepare_data(params: Params) -> dict:
     result = prepare(params)
     return {"samples": result.manifest["total"], "shards": len(result.manifest["shards"]),
             "data_version": result.data_version}
+
+
+@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=transient)
+def find_teacher(params: Params) -> Optional[str]:
+    return champion_uri(params)
+
+
+@task
+def pretrain_weights(params: Params) -> dict:
+    logger = get_run_logger()
+    checkpoint = launch(params, on_output=logger.info, stage="pretrain")
+    return {"checkpoint": str(checkpoint), "teacher": params.pretrain.teacher,
+            "mlflow_run_id": log_pretrain_run(params, checkpoint)}
+
+
+def bootstrap(params: Params, force: bool) -> tuple[Params, dict]:
+    """EVA-02's recipe: the champion teaches a fresh EVA by masked image modelling; init starts from it."""
+    logger = get_run_logger()
+    teacher = find_teacher(params)
+    if teacher is None:
+        logger.info("bootstrap: the registry has no champion yet, so this run starts from random initialization")
+        return params, {"skipped": True, "seconds": 0.0, "teacher": None}
+    eva = Path(params.pretrain.output_dir) / "eva.safetensors"
+    params = params.model_copy(update={
+        "pretrain": params.pretrain.model_copy(update={"teacher": teacher}),
+        "init": params.init.model_copy(update={"vision": eva, "vision_format": "eva"}),
+    })
+    logger.info(f"bootstrap: pre-training a fresh EVA from {teacher}'s features, then initializing from {eva}")
+    return params, run_stage("pretrain", params, pretrain_weights, force)
 
 
 @task
@@ -130,15 +161,18 @@ def pipeline(parameters: PipelineParameters = PipelineParameters()) -> dict:
     params = resolve(parameters)
     force = parameters.force
     data = run_stage("prepare", params, prepare_data, force)
+    pretrained = None
+    if parameters.bootstrap:
+        params, pretrained = bootstrap(params, force)
     init = run_stage("init", params, initialize_weights, force)
     train = run_stage("train", params, train_model, force)
     evaluation = run_stage("evaluate", params, evaluate_and_log, force)
     record = TrackingRecord(**{k: evaluation[k] for k in TrackingRecord.__dataclass_fields__})
     started = time.perf_counter()
     decision = promote_model(params, record)
-    stage_report = {"prepare": data, "init": init, "train": train, "evaluate": evaluation,
-                    "promote": {"skipped": False, "seconds": time.perf_counter() - started}}
-    summary = {"data": data, "init": init, "train": train, "metrics": record.metrics, "model_uri": record.model_uri,
+    stage_report = {"prepare": data, **({"pretrain": pretrained} if pretrained else {}), "init": init, "train": train,
+                    "evaluate": evaluation, "promote": {"skipped": False, "seconds": time.perf_counter() - started}}
+    summary = {"data": data, "pretrain": pretrained, "init": init, "train": train, "metrics": record.metrics, "model_uri": record.model_uri,
                "eval_run_id": record.eval_run_id, "decision": decision.__dict__,
                "stages": {name: {"skipped": s["skipped"], "seconds": round(s["seconds"], 1)}
                           for name, s in stage_report.items()}}

@@ -46,8 +46,14 @@ def _commit(root: Path) -> None:
 
 
 def test_dvc_repro_runs_init_once_and_again_only_when_its_params_change(tmp_path):
-    project = _project(tmp_path / "project", [])
-    _run(["dvc", "repro", "init"], project)
+    source = image_folder(tmp_path / "source", per_class=2)
+    project = _project(tmp_path / "project", ["data.source=image_folder", f"data.path={source}",
+                                              "data.samples_per_shard=4"])
+    _run(["evaclip", "prepare"], project)
+    _commit(project)
+    out = _run(["dvc", "repro", "init"], project)
+    assert "Running stage 'pretrain'" in out  # upstream of init; without a teacher it only says so
+    assert "pretrain.teacher is not set" in out
     checkpoint = project / "outputs/init/model.safetensors"
     assert checkpoint.is_file() and (project / "outputs/init/init_report.json").is_file()
     first = checkpoint.read_bytes()
@@ -74,7 +80,7 @@ def test_dvc_repro_pipeline_reruns_only_what_a_changed_train_param_touches(tmp_p
     _commit(project)
 
     first = _run(["dvc", "repro"], project)
-    for stage in ("init", "train", "evaluate"):
+    for stage in ("pretrain", "init", "train", "evaluate"):
         assert f"Running stage '{stage}'" in first
     assert "zeroshot_top1" in _run(["dvc", "metrics", "show"], project)
     assert (project / "outputs/train/metrics.csv").read_text().startswith("step,")

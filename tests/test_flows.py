@@ -127,3 +127,49 @@ def test_two_flow_runs_at_once_do_not_collide_on_dvc(prefect_api, tmp_path):
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "--cloud"], cwd=repo, env=env, capture_output=True,
                             text=True, check=True)
     assert "in sync" in status.stdout  # both folders reached the remote
+
+
+def test_bootstrap_pretrains_a_fresh_eva_from_the_champion_and_starts_from_it(first_run, tmp_path):
+    """EVA-02's loop: the registry's champion teaches a new EVA (MIM); the next EVA-CLIP starts from it."""
+    import mlflow as mlflow_module
+
+    from flows.pipeline import PipelineParameters, pipeline
+
+    summary, overrides, out = first_run
+    uri = f"sqlite:///{out / 'mlflow' / 'mlflow.db'}"
+    champion = mlflow_module.tracking.MlflowClient(uri, registry_uri=uri).get_model_version_by_alias(
+        "evaclip-micro", "champion").version
+    bootstrap = [*overrides, "pretrain.steps=3", "pretrain.batch_size=8", "pretrain.warmup_steps=1",
+                 f"pretrain.output_dir={tmp_path / 'pretrain'}", f"init.output_dir={tmp_path / 'init'}",
+                 f"train.output_dir={tmp_path / 'train'}", f"eval.output_dir={tmp_path / 'eval'}"]
+    result = pipeline(PipelineParameters(params_file=str(REPO / "params.yaml"), overrides=bootstrap, devices=2,
+                                         bootstrap=True))
+    assert result["pretrain"]["teacher"] == f"models:/evaclip-micro/{champion}"
+    assert not result["stages"]["pretrain"]["skipped"] and (tmp_path / "pretrain" / "eva.safetensors").is_file()
+    assert result["init"]["loaded"] > 0 and result["init"]["dropped"] >= 3  # vision tower from the EVA; MIM keys dropped
+    client = mlflow_module.tracking.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("evaclip").experiment_id],
+                              "tags.`evaclip.stage` = 'pretrain'")
+    assert runs and runs[0].data.tags["evaclip.teacher"] == result["pretrain"]["teacher"]
+    assert "loss" in runs[0].data.metrics
+
+
+def test_the_ablation_flow_runs_rows_and_writes_the_table(prefect_api, first_run, tmp_path):
+    from evaclip.checkpoint import write_state_dict
+    from evaclip.pretrain import MIMStudent
+    from flows.ablation import AblationParameters, ablation
+
+    _, overrides, _ = first_run
+    eva = write_state_dict(MIMStudent("evaclip-micro", 8).eva_state_dict(), tmp_path / "eva.safetensors")
+    result = ablation(AblationParameters(params_file=str(REPO / "params.yaml"), overrides=overrides, devices=2,
+                                         rows=[1, 4, 6], seeds=[0], eva_checkpoint=str(eva),
+                                         output_dir=str(tmp_path / "ablation")))
+    by_row = {r["row"]: r for r in result["results"]}
+    assert set(by_row) == {1, 4, 6} and all(r["train_seconds"] > 0 for r in by_row.values())
+    assert "zeroshot_top1" in by_row[1]["metrics"] and not by_row[6]["metrics"]  # row 6: time only
+    table = (tmp_path / "ablation" / "table.md").read_text()
+    assert "| 4 | EVA init, LAMB, 50% token masking | 1 |" in table
+    uri = f"sqlite:///{first_run[2] / 'mlflow' / 'mlflow.db'}"
+    client = mlflow.tracking.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("evaclip-ablation")
+    assert experiment is not None and len(client.search_runs([experiment.experiment_id])) >= 3

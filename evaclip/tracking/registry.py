@@ -47,6 +47,14 @@ def registered_name(params: Params) -> str:
     return name if name.startswith("evaclip") else f"evaclip-{name}"
 
 
+def champion_uri(params: Params) -> Optional[str]:
+    """`models:/<name>/<version>` of this architecture's champion (pinned: the alias moves), or None."""
+    client = connect(params)
+    name = registered_name(params)
+    version = _alias(client, name, CHAMPION)
+    return f"models:/{name}/{version}" if version else None
+
+
 def tag_key(metric: str) -> str:
     """A metric name as stored in MLflow tags and metrics (no '/' or '@')."""
     return metric.replace("/", "_").replace("@", "_at_")

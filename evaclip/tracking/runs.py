@@ -128,20 +128,36 @@ def _log_stage_init(params: Params, tags: dict) -> None:
 
 
 def _log_stage_train(params: Params, tags: dict) -> None:
-    metrics_file = Path(params.train.output_dir) / "metrics.jsonl"
     with mlflow.start_run(run_name="train", nested=True, tags=tags):
-        if not metrics_file.is_file():
-            return
-        rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-        from mlflow.entities import Metric
+        _log_metrics_file(Path(params.train.output_dir) / "metrics.jsonl", "train")
 
-        batch = [Metric(key.replace("/", "_"), float(value), int(row["time"] * 1000), row["step"])
-                 for row in rows for key, value in row.items() if key not in ("step", "time")]
-        client = mlflow.tracking.MlflowClient()
-        run_id = mlflow.active_run().info.run_id
-        for start in range(0, len(batch), 900):  # the store's batch limit is 1000
-            client.log_batch(run_id, metrics=batch[start:start + 900])
-        mlflow.log_figure(_curves(rows), "train/loss_lr.png")
+
+def _log_metrics_file(metrics_file: Path, stage: str) -> None:
+    """Every logged step of a metrics.jsonl (what the training callbacks write) into the active run."""
+    if not metrics_file.is_file():
+        return
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    from mlflow.entities import Metric
+
+    batch = [Metric(key.replace("/", "_"), float(value), int(row["time"] * 1000), row["step"])
+             for row in rows for key, value in row.items() if key not in ("step", "time")]
+    client = mlflow.tracking.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    for start in range(0, len(batch), 900):  # the store's batch limit is 1000
+        client.log_batch(run_id, metrics=batch[start:start + 900])
+    mlflow.log_figure(_curves(rows), f"{stage}/loss_lr.png")
+
+
+def log_pretrain_run(params: Params, checkpoint: Path) -> str:
+    """One run for a masked-image-modelling pre-training: its config, teacher, loss curve; returns its id."""
+    client = connect(params)
+    mlflow.set_experiment(experiment_id=experiment_id(client, params))
+    tags = {**run_tags(params), "evaclip.stage": "pretrain", "evaclip.teacher": str(params.pretrain.teacher)}
+    with mlflow.start_run(run_name=f"pretrain-{params.profile}", tags=tags) as run:
+        mlflow.log_params({f"pretrain.{k}": str(v) for k, v in params.pretrain.model_dump(mode="json").items()})
+        _log_metrics_file(Path(params.pretrain.output_dir) / "metrics.jsonl", "pretrain")
+        mlflow.log_param("pretrain.checkpoint", str(checkpoint))
+        return run.info.run_id
 
 
 def _curves(rows: list[dict]):

@@ -37,8 +37,8 @@ class ProgressBar(BaseCallback):
     """Progress on rank 0: a tqdm bar in a terminal; in a log (a Prefect flow, CI) one plain line every
     `every` steps, since a bar redrawn with carriage returns never reaches a line-based log."""
 
-    def __init__(self, every: int = 10, interactive: bool | None = None):
-        self.every = every
+    def __init__(self, every: int = 10, interactive: bool | None = None, desc: str = "train"):
+        self.every, self.desc = every, desc
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
 
     def on_train_start(self, info):
@@ -48,7 +48,7 @@ class ProgressBar(BaseCallback):
         self.first = info["start_step"]
         if self.interactive:
             self.bar = tqdm(total=info["steps"], initial=info["start_step"], unit="step", dynamic_ncols=True,
-                            desc="train", mininterval=2.0)
+                            desc=self.desc, mininterval=2.0)
 
     def on_step(self, step, metrics):
         if self.interactive:
@@ -58,7 +58,7 @@ class ProgressBar(BaseCallback):
         elif step % self.every == 0 or step == self.total:
             elapsed = time.perf_counter() - self.started
             eta = elapsed / max(step - self.first, 1) * (self.total - step)
-            print(f"train step {step}/{self.total} loss {metrics['loss']:.4f} lr {metrics['lr/visual']:.2e} "
+            print(f"{self.desc} step {step}/{self.total} loss {metrics['loss']:.4f} lr {metrics['lr/visual']:.2e} "
                   f"samples/s {metrics['samples_per_s']:.1f} eta {eta:.0f}s", flush=True)
 
     def on_train_end(self, info):

@@ -23,6 +23,7 @@ from ..config import Params
 from ..errors import ConfigError, EvaclipError
 from ..model import model_config
 from .engine import init_checkpoint
+from .worker import stage_output_dir
 
 
 def check_runnable(params: Params) -> None:
@@ -57,7 +58,26 @@ def check_runnable(params: Params) -> None:
         raise ConfigError(f"eval.sets: {params.eval.sets[0]} not found (needed by eval.every_n_steps)")
 
 
-def launch_command(params_file: Path, params: Params, master_port: Optional[int] = None) -> list[str]:
+def check_pretrain_runnable(params: Params) -> None:
+    teacher = params.pretrain.teacher
+    if not teacher:
+        raise ConfigError("pretrain.teacher: no teacher: give a CLIP weight file or models:/NAME@champion")
+    if not teacher.startswith("models:/") and not Path(teacher).is_file():
+        raise ConfigError(f"pretrain.teacher: weight file {teacher} not found")
+    if params.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision: fp16 needs GPUs (DeepSpeed's loss scaler); use fp32 or bf16 on CPUs")
+    if not (Path(params.data.output_dir) / "train" / "manifest.json").is_file() and not params.data.mix:
+        raise ConfigError(f"data: no prepared shards in {params.data.output_dir} (run `evaclip prepare` or `dvc pull`)")
+
+
+_STAGES = {  # stage -> (worker module, pre-launch check, output file)
+    "train": ("evaclip.train.worker", check_runnable, "model.safetensors"),
+    "pretrain": ("evaclip.pretrain.worker", check_pretrain_runnable, "eva.safetensors"),
+}
+
+
+def launch_command(params_file: Path, params: Params, master_port: Optional[int] = None,
+                   module: str = "evaclip.train.worker") -> list[str]:
     cfg = params.train
     if cfg.launcher == "deepspeed":
         beside_python = Path(sys.executable).parent / "deepspeed"  # the venv's, even when not activated
@@ -69,23 +89,25 @@ def launch_command(params_file: Path, params: Params, master_port: Optional[int]
             cmd += ["--hostfile", str(cfg.hostfile), "--num_nodes", str(cfg.nodes)]
         if master_port:
             cmd += ["--master_port", str(master_port)]
-        return cmd + ["--module", "evaclip.train.worker", "--params", str(params_file)]
+        return cmd + ["--module", module, "--params", str(params_file)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.devices)]
     if cfg.nodes == 1:
         cmd += ["--standalone"] if not master_port else ["--master_port", str(master_port)]
     else:
         cmd += ["--nnodes", str(cfg.nodes)]  # with --node_rank/--master_addr from the environment
-    return cmd + ["-m", "evaclip.train.worker", "--params", str(params_file)]
+    return cmd + ["-m", module, "--params", str(params_file)]
 
 
 def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict] = None,
-           on_output: Optional[Callable[[str], None]] = None) -> Path:
-    """Validate, write the resolved params beside the outputs, run the launcher; returns the model path.
+           on_output: Optional[Callable[[str], None]] = None, stage: str = "train") -> Path:
+    """Validate, write the resolved params beside the outputs, run the launcher; returns the weights' path.
 
+    `stage` is `train` (EVA-CLIP) or `pretrain` (masked image modelling, `evaclip.pretrain`).
     `on_output` receives the processes' output line by line (a flow's logger); default: this terminal.
     """
-    check_runnable(params)
-    out = Path(params.train.output_dir)
+    module, check, weights = _STAGES[stage]
+    check(params)
+    out = stage_output_dir(params, stage)
     out.mkdir(parents=True, exist_ok=True)
     params_file = out / "params.resolved.yaml"
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
@@ -93,7 +115,7 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
     process_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // params.train.devices)))
     error_file = out / "error.json"  # written by rank 0 on a known error (see worker.py)
     error_file.unlink(missing_ok=True)
-    command = launch_command(params_file, params, master_port)
+    command = launch_command(params_file, params, master_port, module)
     if on_output is None:
         returncode = subprocess.run(command, env=process_env).returncode
     else:
@@ -103,10 +125,10 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
                 on_output(line.rstrip())
         returncode = process.returncode
     if returncode != 0:
-        error = EvaclipError(f"training failed (exit code {returncode}); the last good checkpoint is kept in {out}")
+        error = EvaclipError(f"{stage} failed (exit code {returncode}); what it saved is kept in {out}")
         if error_file.is_file():
             known = json.loads(error_file.read_text())
-            error = EvaclipError(f"training stopped: {known['message']}")
+            error = EvaclipError(f"{stage} stopped: {known['message']}")
             error.exit_code = known["exit_code"]
         raise error
-    return out / "model.safetensors"
+    return out / weights

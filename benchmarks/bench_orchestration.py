@@ -1,0 +1,108 @@
+"""What Prefect + MLflow + DVC add to a pipeline run: the Prefect flow (`evaclip pipeline --force`: an
+ephemeral Prefect API, DVC add + push of the data, MLflow logging, registration and promotion) against the
+same stages called directly as library functions (prepare without DVC, init, train, evaluate; no Prefect,
+no MLflow). Both run as fresh processes, alternately; wall time including interpreter start.
+
+The overhead is mostly fixed (Prefect's local API start, MLflow's model logging, DVC's hashing), so its
+fraction shrinks with the run: besides the measured fraction at `--steps`, the JSON has the fraction
+projected onto the full demo (params.yaml's train.steps) with the per-step time measured in the same run.
+Writes benchmarks/results/orchestration.json.
+
+    python benchmarks/bench_orchestration.py [--steps 30] [--reps 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from results_io import save
+
+from evaclip.config import load_params
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+DIRECT = """
+import sys
+from evaclip.config import load_params
+from evaclip.data import prepare
+from evaclip.eval import evaluate
+from evaclip.init import initialize
+from evaclip.train import launch
+
+params = load_params(sys.argv[1], sys.argv[2:])
+prepare(params)
+initialize(params)
+launch(params)
+evaluate(params, progress=False)
+"""
+
+
+def timed(command: list[str], env: dict) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{command[:3]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--reps", type=int, default=1)
+    args = parser.parse_args()
+    demo = load_params(args.params)
+
+    times: dict[str, list[float]] = {"flow": [], "direct": []}
+    step_s = []
+    with tempfile.TemporaryDirectory(prefix="evaclip-orch-") as tmp:
+        for rep in range(args.reps):
+            for variant in ("flow", "direct"):
+                out = Path(tmp) / f"{variant}-{rep}"
+                overrides = [f"train.steps={args.steps}", f"train.warmup_steps={min(demo.train.warmup_steps, args.steps)}",
+                             f"init.output_dir={out / 'init'}", f"train.output_dir={out / 'train'}",
+                             f"eval.output_dir={out / 'eval'}", f"tracking.default_store={out / 'mlflow'}",
+                             "train.resume=false"]
+                env = dict(os.environ, PREFECT_HOME=str(out / "prefect"), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+                env.pop("MLFLOW_TRACKING_URI", None)
+                (out / "prefect").mkdir(parents=True)
+                if variant == "flow":
+                    command = [str(BIN / "evaclip"), "pipeline", "--force", "-p", args.params]
+                    command += [arg for o in overrides for arg in ("-s", o)]
+                else:
+                    command = [sys.executable, "-c", DIRECT, args.params, *overrides, "data.version=false"]
+                times[variant].append(timed(command, env))
+                if variant == "direct":
+                    rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+                    rate = statistics.median(r["samples_per_s"] for r in rows[1:] or rows)
+                    step_s.append(demo.train.global_batch_size / rate)
+    flow, direct = statistics.median(times["flow"]), statistics.median(times["direct"])
+    overhead = flow - direct
+    step = statistics.median(step_s)
+    projected_direct = direct + (demo.train.steps - args.steps) * step
+    result = {
+        "benchmark": "orchestration", "steps": args.steps, "reps": args.reps, "wall_s": times,
+        "flow_s": flow, "direct_s": direct, "overhead_s": overhead,
+        "orchestration_overhead": overhead / direct,
+        "demo_steps": demo.train.steps, "step_s": step,
+        "orchestration_overhead_projected_demo": overhead / projected_direct,
+    }
+    save("orchestration", result)
+    print(f"\n| pipeline, {args.steps} training steps | wall (s) |")
+    print("|---|---|")
+    print(f"| Prefect flow + MLflow + DVC | {flow:.1f} |")
+    print(f"| the same stages called directly | {direct:.1f} |")
+    print(f"| overhead | {overhead:.1f} s = {overhead / direct:.1%} |")
+    print(f"| projected on the {demo.train.steps}-step demo | {result['orchestration_overhead_projected_demo']:.1%} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""`evaclip train` against open_clip's own trainer (`open_clip_train.main`, shipped with open_clip_torch),
+side by side: the same shards, model config, per-process batch, processes, token masking, optimizer (LAMB:
+ours vs timm's through `--opt timm/lamb`), learning-rate schedule, gradient clipping and number of steps.
+
+Per-step samples/s come from each trainer's own step log (ours: metrics.jsonl with train.log_every=1;
+theirs: the `Batch (t): ..., N/s` lines), the first warm-up steps dropped, median. Peak memory: the
+largest resident set of any process of the run (ru_maxrss of a wrapper's children), on a GPU also what
+each trainer reports. Runs alternate: ours, theirs, ours, theirs. Writes benchmarks/results/peer.json.
+
+    python benchmarks/bench_peer.py [--steps 15] [--reps 2] [--batch 128] [--procs 2] [--masking 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from results_io import save
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+BIN = Path(sys.executable).parent
+WARMUP_STEPS = 3
+# Runs a command and prints the largest resident set (KiB) among its processes.
+MAXRSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+          "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+
+
+def shards(data_dir: Path) -> str:
+    manifest = json.loads((data_dir / "train" / "manifest.json").read_text())
+    names = [s["name"] for s in manifest["shards"]]
+    return "::".join(str(data_dir / "train" / name) for name in names)
+
+
+def run(command: list[str], env: dict) -> tuple[str, float]:
+    result = subprocess.run([sys.executable, "-c", MAXRSS, *command], env=env, cwd=REPO, capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{command[:4]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    maxrss_kib = int(re.findall(r"MAXRSS (\d+)", result.stdout)[-1])
+    return result.stdout + result.stderr, maxrss_kib / 2**20  # GiB
+
+
+def ours(args, work: Path, rep: int, env: dict) -> dict:
+    out = work / f"ours-{rep}"
+    overrides = {
+        "model.name": args.model, "model.token_masking": args.masking, "train.steps": args.steps,
+        "train.batch_size": args.batch, "train.devices": args.procs, "train.lr": args.lr,
+        "train.visual_lr": args.lr, "train.text_lr": args.lr, "train.warmup_steps": args.warmup,
+        "train.log_every": 1, "train.checkpoint_every": 10_000, "train.resume": "false",
+        "train.output_dir": out, "init.output_dir": work / "random-init", "data.workers": args.workers,
+    }
+    command = [str(BIN / "evaclip"), "train", "-p", str(REPO / "params.yaml")]
+    for key, value in overrides.items():
+        command += ["-s", f"{key}={value}"]
+    _, gib = run(command, env)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["samples_per_s"] for r in rows if r["step"] > WARMUP_STEPS]
+    return {"samples_per_s": statistics.median(rates), "max_rss_gib": gib, "steps_measured": len(rates)}
+
+
+def theirs(args, work: Path, rep: int, env: dict) -> dict:
+    name = f"theirs-{rep}"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.procs),
+        str(HERE / "peer_open_clip.py"), "--token-masking", str(args.masking),
+        "--model", args.model, "--train-data", shards(REPO / "data"), "--dataset-type", "webdataset",
+        "--train-num-samples", str(args.steps * args.batch * args.procs), "--epochs", "1",
+        "--batch-size", str(args.batch), "--workers", str(args.workers), "--precision", "fp32",
+        "--opt", "timm/lamb", "--lr", str(args.lr), "--wd", "0.05", "--beta1", "0.9", "--beta2", "0.98",
+        "--eps", "1e-6", "--warmup", str(args.warmup), "--grad-clip-norm", "5.0", "--local-loss",
+        "--gather-with-grad", "--log-every-n-steps", "1", "--save-frequency", "0", "--report-to", "",
+        "--logs", str(work), "--name", name, "--seed", "0",
+    ]
+    _, gib = run(command, env)
+    log = (work / name / "out.log").read_text()
+    rates = [float(x) for x in re.findall(r"Batch \(t\): [\d.]+, ([\d.e+]+)/s,", log)]
+    rates = rates[WARMUP_STEPS:]
+    if not rates:
+        raise SystemExit(f"no step lines in {work / name / 'out.log'}")
+    return {"samples_per_s": statistics.median(rates), "max_rss_gib": gib, "steps_measured": len(rates)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="evaclip-demo")
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--masking", type=float, default=0.5)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+    if not (REPO / "data" / "train" / "manifest.json").is_file():
+        raise SystemExit("no shards in data/train: run `evaclip prepare` (or `dvc pull`) first")
+
+    threads = str(max(1, (os.cpu_count() or 2) // args.procs))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    results: dict[str, list[dict]] = {"evaclip": [], "open_clip_train": []}
+    with tempfile.TemporaryDirectory(prefix="evaclip-peer-") as tmp:
+        for rep in range(args.reps):
+            results["evaclip"].append(ours(args, Path(tmp), rep, env))
+            results["open_clip_train"].append(theirs(args, Path(tmp), rep, env))
+    median = {k: statistics.median(r["samples_per_s"] for r in runs) for k, runs in results.items()}
+    memory = {k: max(r["max_rss_gib"] for r in runs) for k, runs in results.items()}
+    result = {
+        "benchmark": "peer", "config": vars(args), "runs": results,
+        "samples_per_s": median, "max_rss_gib": memory,
+        "peer_samples_per_s_ratio": median["evaclip"] / median["open_clip_train"],
+        "peer_memory_ratio": memory["evaclip"] / memory["open_clip_train"],
+    }
+    save("peer", result)
+    print(f"\n| trainer ({args.model}, {args.procs} x batch {args.batch}, masking {args.masking}, LAMB) "
+          "| samples/s (median) | max RSS (GiB) |")
+    print("|---|---|---|")
+    for name in results:
+        print(f"| {name} | {median[name]:.1f} | {memory[name]:.2f} |")
+    print(f"| ours / open_clip | {result['peer_samples_per_s_ratio']:.2f} | {result['peer_memory_ratio']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

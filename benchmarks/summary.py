@@ -1,0 +1,59 @@
+"""The headline ratios of every benchmark result in benchmarks/results/: summary.json and a Markdown table.
+
+    python benchmarks/summary.py        # after the bench_*.py scripts (make bench runs them all)
+"""
+
+from __future__ import annotations
+
+import json
+
+from results_io import RESULTS, machine
+
+# (summary key, result file, path in the file, what it is, goal)
+HEADLINES = [
+    ("masking_step_ratio_0_5", "model-evaclip-demo", ["masking_step_ratio_0_5"],
+     "vision-tower step, masking 0.5 / 0 (demo)", "<= 0.55"),
+    ("masking_step_ratio_0_5_b16", "model-EVA02-B-16", ["masking_step_ratio_0_5"],
+     "vision-tower step, masking 0.5 / 0 (B/16)", "<= 0.55"),
+    ("train_step_ratio_0_5", "train-evaclip-demo", ["step_ratio_mask_0_5"],
+     "full training step, masking 0.5 / 0 (demo)", ""),
+    ("train_step_ratio_0_5_b16", "train-EVA02-B-16", ["step_ratio_mask_0_5"],
+     "full training step, masking 0.5 / 0 (B/16)", ""),
+    ("activation_ratio_0_5", "train-evaclip-demo", ["activation_ratio_mask_0_5"],
+     "saved activations, masking 0.5 / 0 (demo)", ""),
+    ("math_over_sdpa", "model-evaclip-demo", ["math_over_sdpa"], "vision step, math / sdpa attention", ""),
+    ("peer_samples_per_s_ratio", "peer", ["peer_samples_per_s_ratio"],
+     "samples/s, evaclip train / open_clip_train", ">= 1.0"),
+    ("peer_memory_ratio", "peer", ["peer_memory_ratio"], "peak RSS, evaclip train / open_clip_train", ""),
+    ("loader_over_consumption", "loader", ["loader_over_consumption", "workers_2"],
+     "loader images/s (2 workers) / training consumption", ">= 2"),
+    ("eval_images_per_s", "eval", ["images_per_s"], "zero-shot evaluation images/s (demo)", ""),
+    ("orchestration_overhead", "orchestration", ["orchestration_overhead"],
+     "extra wall time of Prefect + MLflow + DVC (measured)", "<= 0.10"),
+    ("orchestration_overhead_projected_demo", "orchestration", ["orchestration_overhead_projected_demo"],
+     "the same, projected on the 300-step demo", "<= 0.10"),
+    ("gpu_masking_speedup_0_5", "gpu", ["masking_speedup_0_5"], "GPU samples/s, masking 0.5 / 0 (B/16)", ""),
+    ("gpu_mfu", "gpu", ["masking", "0.0", "mfu"], "GPU model FLOP utilization, masking 0 (B/16)", ">= 0.40"),
+]
+
+
+def main() -> None:
+    summary, rows = {}, []
+    for key, name, path, what, goal in HEADLINES:
+        file = RESULTS / f"{name}.json"
+        if not file.is_file():
+            rows.append(f"| {what} | not measured | {goal} |")
+            continue
+        value = json.loads(file.read_text())
+        for part in path:
+            value = value[part]
+        summary[key] = value
+        rows.append(f"| {what} | {value:.3g} | {goal} |")
+    (RESULTS / "summary.json").write_text(json.dumps({**summary, "machine": machine()}, indent=2) + "\n")
+    print(json.dumps(summary))
+    print("\n| ratio | value | goal |\n|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -62,7 +62,7 @@ def main() -> None:
     demo = load_params(args.params)
 
     times: dict[str, list[float]] = {"flow": [], "direct": []}
-    step_s = []
+    step_s: dict[str, list[float]] = {"flow": [], "direct": []}
     with tempfile.TemporaryDirectory(prefix="evaclip-orch-") as tmp:
         for rep in range(args.reps):
             for variant in ("flow", "direct"):
@@ -80,19 +80,20 @@ def main() -> None:
                 else:
                     command = [sys.executable, "-c", DIRECT, args.params, *overrides, "data.version=false"]
                 times[variant].append(timed(command, env))
-                if variant == "direct":
-                    rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
-                    rate = statistics.median(r["samples_per_s"] for r in rows[1:] or rows)
-                    step_s.append(demo.train.global_batch_size / rate)
+                rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+                rate = statistics.median(r["samples_per_s"] for r in rows[1:] or rows)
+                step_s[variant].append(demo.train.global_batch_size / rate)
     flow, direct = statistics.median(times["flow"]), statistics.median(times["direct"])
     overhead = flow - direct
-    step = statistics.median(step_s)
+    step = statistics.median(step_s["direct"])
+    flow_step = statistics.median(step_s["flow"])
     projected_direct = direct + (demo.train.steps - args.steps) * step
     result = {
         "benchmark": "orchestration", "steps": args.steps, "reps": args.reps, "wall_s": times,
         "flow_s": flow, "direct_s": direct, "overhead_s": overhead,
         "orchestration_overhead": overhead / direct,
-        "demo_steps": demo.train.steps, "step_s": step,
+        "demo_steps": demo.train.steps, "step_s": step, "flow_step_s": flow_step,
+        "training_step_ratio_flow_over_direct": flow_step / step,
         "orchestration_overhead_projected_demo": overhead / projected_direct,
     }
     save("orchestration", result)
@@ -101,6 +102,7 @@ def main() -> None:
     print(f"| Prefect flow + MLflow + DVC | {flow:.1f} |")
     print(f"| the same stages called directly | {direct:.1f} |")
     print(f"| overhead | {overhead:.1f} s = {overhead / direct:.1%} |")
+    print(f"| training step under the flow / direct | {flow_step / step:.3f} |")
     print(f"| projected on the {demo.train.steps}-step demo | {result['orchestration_overhead_projected_demo']:.1%} |")
 
 

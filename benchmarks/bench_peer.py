@@ -68,10 +68,8 @@ def ours(args, work: Path, rep: int, env: dict) -> dict:
 
 def theirs(args, work: Path, rep: int, env: dict) -> dict:
     name = f"theirs-{rep}"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.procs),
-        str(HERE / "peer_open_clip.py"), "--token-masking", str(args.masking),
-        "--model", args.model, "--train-data", shards(REPO / "data"), "--dataset-type", "webdataset",
+    peer_args = [
+        "--token-masking", str(args.masking), "--model", args.model, "--train-data", shards(REPO / "data"), "--dataset-type", "webdataset",
         "--train-num-samples", str(args.steps * args.batch * args.procs), "--epochs", "1",
         "--batch-size", str(args.batch), "--workers", str(args.workers), "--precision", "fp32",
         "--opt", "timm/lamb", "--lr", str(args.lr), "--wd", "0.05", "--beta1", "0.9", "--beta2", "0.98",
@@ -79,7 +77,9 @@ def theirs(args, work: Path, rep: int, env: dict) -> dict:
         "--gather-with-grad", "--log-every-n-steps", "1", "--save-frequency", "0", "--report-to", "",
         "--logs", str(work), "--name", name, "--seed", "0",
     ]
-    _, gib = run(command, env)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.procs),
+               str(HERE / "peer_open_clip.py")]
+    _, gib = run(command, dict(env, EVACLIP_PEER_ARGS=json.dumps(peer_args)))
     log = (work / name / "out.log").read_text()
     rates = [float(x) for x in re.findall(r"Batch \(t\): [\d.]+, ([\d.e+]+)/s,", log)]
     rates = rates[WARMUP_STEPS:]

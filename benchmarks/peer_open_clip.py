@@ -5,19 +5,28 @@ The only additions to the stock entry point: our model configs are registered wi
 `evaclip train` does (timm's PatchDropout; open_clip's --force-patch-dropout only reaches its own ViT).
 
     torchrun --nproc_per_node 2 benchmarks/peer_open_clip.py --token-masking 0.5 [open_clip_train args]
+
+On CPUs one more fix is needed: open_clip_train passes `device_ids=[cpu]` to DistributedDataParallel,
+which torch refuses for CPU modules (its multi-process path assumes GPUs); the shim drops them there.
+
+torchrun's own parser would misread some of open_clip's options (`--logs` is an ambiguous prefix of its
+`--logs-specs`), so bench_peer.py passes them as a JSON list in EVACLIP_PEER_ARGS instead.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 import open_clip_train.main as trainer
+import torch
 
 from evaclip.model import factory
 
 
 def main() -> None:
-    argv = sys.argv[1:]
+    argv = json.loads(os.environ["EVACLIP_PEER_ARGS"]) if "EVACLIP_PEER_ARGS" in os.environ else sys.argv[1:]
     ratio = 0.0
     if "--token-masking" in argv:
         index = argv.index("--token-masking")
@@ -32,6 +41,13 @@ def main() -> None:
         return (model, *transforms)
 
     trainer.create_model_and_transforms = with_masking
+    if not torch.cuda.is_available():
+        ddp = torch.nn.parallel.DistributedDataParallel
+
+        def cpu_ddp(module, device_ids=None, **kwargs):
+            return ddp(module, **kwargs)
+
+        torch.nn.parallel.DistributedDataParallel = cpu_ddp
     trainer.main(argv)
 
 

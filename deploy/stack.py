@@ -47,6 +47,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_http(url: str, what: str, seconds: float = 180, alive=lambda: None) -> None:
+    """Poll `url` until it answers 200; `alive()` raises if the process behind it died meanwhile."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive()
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise StackError(f"{what} did not answer at {url} within {seconds:.0f} s")
+
+
 class Stack:
     """Start with `with Stack(state, project) as stack:`; `stack.env` holds what clients need."""
 
@@ -195,17 +209,8 @@ class Stack:
             raise StackError(f"PostgreSQL: `{command}` failed:\n{result.stderr.strip()}")
         return result.stdout
 
-    def _wait_http(self, url: str, what: str, seconds: float = 180) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            self._check_alive(what)
-            try:
-                if requests.get(url, timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        raise StackError(f"{what} did not answer at {url} within {seconds:.0f} s (see {self.log_dir})")
+    def _wait_http(self, url: str, what: str) -> None:
+        wait_http(url, f"{what} (logs: {self.log_dir})", alive=lambda: self._check_alive(what))
 
     def _wait_port(self, port: int, what: str, seconds: float = 30) -> None:
         deadline = time.monotonic() + seconds

@@ -44,24 +44,26 @@ def stage_key(params: Params, stage: str) -> str:
     return _digest(_key_parts(params, stage))
 
 
-def current(params: Params, stage: str) -> Optional[dict]:
-    """The summary recorded by the last run of `stage` if its key and outputs are unchanged, else None."""
+def current(params: Params, stage: str, key: Optional[str] = None) -> Optional[dict]:
+    """The summary recorded by the last run of `stage` if its key and outputs are unchanged, else None.
+
+    `key`: the stage's key if the caller has it already (it hashes weight files: compute it once)."""
     path = stamp_path(params, stage)
     try:
         stamp = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if stamp.get("key") != stage_key(params, stage):
+    if stamp.get("key") != (key or stage_key(params, stage)):
         return None
     if stamp.get("outputs") != tree_signature(output_dir(params, stage)):
         return None
     return stamp["summary"]
 
 
-def record(params: Params, stage: str, summary: dict) -> None:
-    """Remember that `stage` ran with the current key and produced the outputs now on disk."""
+def record(params: Params, stage: str, summary: dict, key: Optional[str] = None) -> None:
+    """Remember that `stage` ran with `key` (default: the current one) and produced the outputs now on disk."""
     path = stamp_path(params, stage)
-    stamp = {"stage": stage, "key": stage_key(params, stage),
+    stamp = {"stage": stage, "key": key or stage_key(params, stage),
              "outputs": tree_signature(output_dir(params, stage)), "summary": summary}
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(stamp, indent=2, default=str) + "\n")

@@ -22,6 +22,7 @@ from pydantic import Field
 from evaclip.ablation import ROWS, RowResult, row_params, table
 from evaclip.config import Params
 from evaclip.errors import ConfigError
+from evaclip.tracking import log_ablation_table
 from flows.pipeline import (
     PipelineParameters,
     evaluate_and_log,
@@ -66,7 +67,7 @@ def ablation(parameters: AblationParameters = AblationParameters()) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     (root / "table.md").write_text(markdown)
     create_markdown_artifact(markdown=markdown, key="evaclip-ablation", description="EVA-CLIP ablation")
-    log_table(row_params(base, rows[0], parameters.seeds[0], eva, root), markdown)
+    log_ablation_table(row_params(base, rows[0], parameters.seeds[0], eva, root), markdown)
     return {"table": markdown, "results": [{"row": r.row.number, "seed": r.seed, "train_seconds": r.train_seconds,
                                             "metrics": r.metrics} for r in results]}
 
@@ -81,18 +82,6 @@ def eva_weights(base: Params, parameters: AblationParameters, root: Path) -> Pat
     params = base.model_copy(update={"pretrain": base.pretrain.model_copy(
         update={"teacher": teacher, "output_dir": root / "pretrain"})})
     return Path(run_stage("pretrain", params, pretrain_weights, parameters.force)["checkpoint"])
-
-
-def log_table(params: Params, markdown: str) -> None:
-    import mlflow
-
-    from evaclip.tracking import connect
-    from evaclip.tracking.store import experiment_id
-
-    client = connect(params)
-    mlflow.set_experiment(experiment_id=experiment_id(client, params))
-    with mlflow.start_run(run_name="ablation-table", tags={"evaclip.stage": "ablation"}):
-        mlflow.log_text(markdown, "ablation.md")
 
 
 if __name__ == "__main__":

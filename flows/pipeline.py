@@ -140,10 +140,11 @@ def run_stage(stage: str, params: Params, run: Callable[[Params], dict], force: 
     """Run `stage` unless its parameters, inputs and outputs are as its last run left them."""
     logger = get_run_logger()
     started = time.perf_counter()
-    summary = None if force else stages.current(params, stage)
+    key = stages.stage_key(params, stage)  # a stage never changes its own inputs: this key holds after it runs
+    summary = None if force else stages.current(params, stage, key)
     skipped = summary is not None
     if skipped:
-        logger.info(f"{stage}: unchanged since its last run (key {stages.stage_key(params, stage)[:12]}), skipped")
+        logger.info(f"{stage}: unchanged since its last run (key {key[:12]}), skipped")
     else:
         if stage == "train" and stages.stamp_path(params, stage).is_file():
             # The finished run in train.output_dir had another recipe (new data, new parameters):
@@ -151,7 +152,7 @@ def run_stage(stage: str, params: Params, run: Callable[[Params], dict], force: 
             params = params.model_copy(update={"train": params.train.model_copy(update={"resume": False})})
         stages.forget(params, stage)  # a stage that fails half-way leaves no stamp behind
         summary = run(params)
-        stages.record(params, stage, summary)
+        stages.record(params, stage, summary, key)
     return {**summary, "skipped": skipped, "seconds": time.perf_counter() - started}
 
 

@@ -8,12 +8,14 @@ import os
 import subprocess
 import sys
 
+from deploy.stack import free_port
+
 from .conftest import REPO
 
 
 def test_the_gpu_check_runs_its_training_steps_on_a_cpu(tmp_path):
     out = tmp_path / "gpu.json"
-    env = dict(os.environ, MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="2")
+    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="2")
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -23,11 +25,3 @@ def test_the_gpu_check_runs_its_training_steps_on_a_cpu(tmp_path):
         figures = report["masking"][masking]
         assert figures["samples_per_s"] > 0 and 0 < figures["mfu"]
     assert report["masking_speedup_0_5"] > 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

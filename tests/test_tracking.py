@@ -9,10 +9,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from deploy.stack import free_port, wait_http
 from evaclip.checkpoint import write_state_dict
 from evaclip.cli import app
 from evaclip.config import ModelConfig, load_params
@@ -43,24 +42,6 @@ from .conftest import REPO
 from .test_data import image_folder
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not answer")
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +159,7 @@ def test_mlflow_models_serve_answers_invocations(logged):
                                "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_http(f"http://127.0.0.1:{port}/ping")
+        wait_http(f"http://127.0.0.1:{port}/ping", "mlflow models serve", 120)
         buffer = io.BytesIO()
         Image.new("RGB", (32, 32), (200, 10, 30)).save(buffer, format="PNG")
         body = {"dataframe_split": {"columns": ["image", "text"], "data": [[encode_image(buffer.getvalue()), ""]]},

@@ -40,7 +40,7 @@ def engine_config(params: Params) -> TrainConfig:
     """train.* for the hardware, pretrain.* for the recipe."""
     p = params.pretrain
     return params.train.model_copy(update={
-        "optimizer": "adamw", "lr": p.lr, "visual_lr": p.lr, "weight_decay": p.weight_decay,
+        "optimizer": "adamw", "lr": p.lr, "weight_decay": p.weight_decay,
         "steps": p.steps, "batch_size": p.batch_size, "warmup_steps": p.warmup_steps, "grad_clip": 3.0,
         "beta2": 0.98, "output_dir": p.output_dir, "seed": p.seed,
     })

@@ -5,8 +5,8 @@ The training engine never imports this: it writes metrics.jsonl through a callba
 """
 
 from .registry import Decision, champion_uri, decide, register_and_promote, registered_name
-from .runs import RECORD, TrackingRecord, log_pretrain_run, log_run
+from .runs import RECORD, TrackingRecord, log_ablation_table, log_pretrain_run, log_run
 from .store import TrackingUnavailableError, connect, tracking_uri
 
 __all__ = ["RECORD", "Decision", "TrackingRecord", "TrackingUnavailableError", "champion_uri", "connect", "decide",
-           "log_pretrain_run", "log_run", "register_and_promote", "registered_name", "tracking_uri"]
+           "log_ablation_table", "log_pretrain_run", "log_run", "register_and_promote", "registered_name", "tracking_uri"]

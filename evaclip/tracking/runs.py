@@ -215,3 +215,11 @@ def _input_example(first):
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (128, 64, 32)).save(buffer, format="PNG")
     return pd.DataFrame({"image": [pyfunc.encode_image(buffer.getvalue()), ""], "text": ["", "a photo of a bag."]})
+
+
+def log_ablation_table(params: Params, markdown: str) -> None:
+    """The ablation's table as `ablation.md` of a summary run in the ablation's experiment."""
+    client = connect(params)
+    mlflow.set_experiment(experiment_id=experiment_id(client, params))
+    with mlflow.start_run(run_name="ablation-table", tags={"evaclip.stage": "ablation"}):
+        mlflow.log_text(markdown, "ablation.md")

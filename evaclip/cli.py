@@ -64,10 +64,10 @@ def _reports_errors(command):
 @app.command()
 @_reports_errors
 def prepare(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None):
-    """Turn the data source (data.source) into versioned webdataset shards under data/.
+    """Turn the data source (data.source at data.path) into webdataset shards in data.output_dir.
 
-    Writes data/train (and data/eval/<name> for sources with a test split) with a manifest and a
-    data-quality report, then `dvc add data` and `dvc push` (data.version).
+    Writes train/ (and eval/<name> for sources with a test split) with a manifest and a data-quality
+    report. dvc.yaml's `prepare` stage runs it, so DVC caches and versions the shards.
     """
     from .data import prepare as prepare_data
 
@@ -77,8 +77,6 @@ def prepare(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None,
     out.print(f"{result.train_dir}: {manifest['total']} samples in {len(manifest['shards'])} shards")
     for eval_dir in result.eval_dirs:
         out.print(f"evaluation set: {eval_dir}")
-    if result.data_version:
-        out.print(f"data version (data.dvc): {result.data_version}, pushed to the DVC remote")
 
 
 @app.command()
@@ -113,7 +111,7 @@ def pretrain(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
     import json
 
     from .checkpoint import atomic_write_text
-    from .tracking import log_pretrain_run
+    from .tracking.live import run_id_of
     from .train import launch
 
     cfg = _load(params, profile, set_)
@@ -123,7 +121,7 @@ def pretrain(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
         out.print(note)
         return
     checkpoint = launch(cfg, stage="pretrain")
-    run_id = log_pretrain_run(cfg, checkpoint)
+    run_id = run_id_of(checkpoint.parent)
     out.print(f"EVA checkpoint: {checkpoint} (MLflow run {run_id})")
     out.print(f"initialize from it: evaclip init -s init.vision={checkpoint}")
 
@@ -181,97 +179,6 @@ def promote(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None,
     verdict = "promoted to champion" if decision.promoted else "not promoted"
     out.print(f"{decision.name} version {decision.version}: {verdict} ({decision.reason}); "
               f"champion: version {decision.champion}")
-
-
-@app.command()
-@_reports_errors
-def pipeline(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None,
-             force: Annotated[bool, typer.Option(help="Run every stage, even those whose inputs did not change.")] = False,
-             bootstrap: Annotated[bool, typer.Option(
-                 help="EVA-02's loop: pre-train a fresh EVA from the registry's champion and start from it.")] = False):
-    """Run every stage in order as the Prefect flow `evaclip-pipeline`: prepare, init, train, evaluate, promote.
-
-    Stages whose parameters and inputs did not change since their last run are skipped.
-    Without a Prefect server (PREFECT_API_URL) it runs on a temporary local one.
-    """
-    from flows.pipeline import PipelineParameters
-    from flows.pipeline import pipeline as pipeline_flow
-
-    cfg = _load(params, profile, set_)  # fail on a bad configuration before Prefect starts
-    summary = pipeline_flow(PipelineParameters(params_file=str(params), profile=profile, overrides=set_ or [],
-                                               force=force, bootstrap=bootstrap))
-    _print_summary(cfg, summary)
-
-
-def _print_summary(cfg: Params, summary: dict) -> None:
-    import os
-
-    from rich.table import Table
-
-    from .tracking.store import tracking_uri
-
-    table = Table(title="evaclip pipeline", title_justify="left")
-    for column in ("stage", "status", "seconds", "result"):
-        table.add_column(column)
-    metrics, decision, data = summary["metrics"], summary["decision"], summary["data"]
-    results = {
-        "prepare": f"{data['samples']} samples, {data['shards']} shards, "
-                   + (f"data version {data['data_version'][:12]}" if data.get("data_version") else "not versioned"),
-        "pretrain": (f"EVA distilled from {summary['pretrain']['teacher']}" if (summary.get("pretrain") or {}).get("teacher")
-                     else "no champion yet: this run starts from random initialization"),
-        "init": (f"{summary['init']['loaded']} tensors loaded, {summary['init']['new']} new"
-                 if summary["init"]["loaded"] else "random initialization"),
-        "train": f"model {summary['train']['model']}",
-        "evaluate": ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k in ("zeroshot_top1", "zeroshot_top5")),
-        "promote": f"{decision['name']} v{decision['version']}: "
-                   f"{'promoted' if decision['promoted'] else 'not promoted'} ({decision['reason']})",
-    }
-    for stage, report in summary["stages"].items():
-        status = "skipped (unchanged)" if report["skipped"] else "ran"
-        if stage == "pretrain" and not (summary.get("pretrain") or {}).get("teacher"):
-            status = "not needed"
-        table.add_row(stage, status, f"{report['seconds']:.1f}",
-                      escape(results.get(stage, "")))
-    out.print(table)
-    if "zeroshot_top1" in metrics:
-        out.print(f"zero-shot top-1: {metrics['zeroshot_top1']:.3f}", highlight=False)
-    uri = tracking_uri(cfg)
-    prefect_api = os.environ.get("PREFECT_API_URL")
-    out.print("Open the UIs:", highlight=False)
-    if prefect_api:
-        out.print(f"  Prefect: {prefect_api.removesuffix('/api')}", highlight=False)
-    else:
-        home = os.environ.get("PREFECT_HOME", "~/.prefect")
-        out.print(f"  Prefect: PREFECT_HOME={home} prefect server start --host 127.0.0.1  "
-                  "# then http://127.0.0.1:4200", highlight=False, soft_wrap=True)
-    if uri.startswith(("http://", "https://")):
-        out.print(f"  MLflow:  {uri}", highlight=False)
-    else:
-        out.print(f"  MLflow:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1  # then http://127.0.0.1:5000",
-                  highlight=False, soft_wrap=True)
-
-
-@app.command()
-@_reports_errors
-def ablation(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None,
-             seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each row runs once per seed.")] = "0,1",
-             rows: Annotated[str, typer.Option(help="Comma-separated rows of the paper's ablation (1-6).")] = "1,2,3,4,5,6",
-             eva: Annotated[Optional[Path], typer.Option(help="EVA weights for rows 2-6 (default: pre-train a fresh "
-                                                              "EVA from the registry's champion).")] = None):
-    """The EVA-CLIP paper's ablation at this configuration's scale, as the Prefect flow `evaclip-ablation`.
-
-    Rows: random init + AdamW; EVA init + AdamW; EVA init + LAMB; + 50% token masking; + unmasked tuning;
-    math instead of sdpa attention (time only). Writes outputs/ablation/table.md.
-    """
-    from flows.ablation import AblationParameters
-    from flows.ablation import ablation as ablation_flow
-
-    _load(params, profile, set_)
-    result = ablation_flow(AblationParameters(
-        params_file=str(params), profile=profile, overrides=set_ or [],
-        seeds=[int(s) for s in seeds.split(",")], rows=[int(r) for r in rows.split(",")],
-        eva_checkpoint=str(eva) if eva else None))
-    out.print(result["table"], highlight=False)
 
 
 @app.command()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -71,15 +71,16 @@ class MixEntry(_Section):
 
 class DataConfig(_Section):
     source: Literal["fashion_mnist", "image_folder", "pairs", "wds"] = "fashion_mnist"
-    path: Optional[Path] = Field(None, description="the source; fashion_mnist defaults to the Debian package's folder")
+    path: Optional[Path] = Field(None, description="the source (dvc.yaml's prepare depends on it); fashion_mnist: "
+                                                   "the Debian package's folder, imported by data.dvc as data/")
     image_column: str = "image"          # pairs from CSV/Parquet
     caption_column: str = "caption"
     caption_templates: list[str] = Field(default_factory=lambda: list(DEFAULT_CAPTION_TEMPLATES))
     eval_path: Optional[Path] = Field(None, description="a zero-shot evaluation set to version beside the shards")
-    output_dir: Path = Path("data")
+    output_dir: Path = Path("outputs/data")
     samples_per_shard: int = Field(5000, gt=0)
     max_skipped_fraction: float = Field(0.01, ge=0, le=1)
-    version: bool = Field(True, description="track output_dir with DVC (data.dvc) and push it")
+    version: bool = Field(True, description="the pipeline saves each run as a DVC experiment and pushes to the remote")
     remote: Optional[str] = Field(None, description="DVC remote to push to; default: the repository's default")
     seed: int = 0
     # The training loader
@@ -130,7 +131,9 @@ class TrainConfig(_Section):
     output_dir: Path = Path("outputs/train")
     checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints (and one at the end)")
     keep_checkpoints: int = Field(3, gt=0)
-    resume: bool = Field(True, description="continue from the latest checkpoint in output_dir")
+    resume: Union[bool, Literal["if_same"]] = Field(
+        True, description="continue from the latest checkpoint in output_dir; if_same: only a checkpoint of the same "
+                          "recipe, else start over (dvc.yaml's train stage)")
     max_nonfinite_steps: int = Field(10, ge=0, description="consecutive non-finite steps tolerated")
     log_every: int = Field(10, gt=0)
     launcher: Literal["torchrun", "deepspeed"] = "torchrun"
@@ -149,7 +152,7 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    sets: list[Path] = Field(default_factory=lambda: [Path("data/eval/fashion_mnist")],
+    sets: list[Path] = Field(default_factory=lambda: [Path("outputs/data/eval/fashion_mnist")],
                              description="evaluation sets (see evaclip.data.evalsets); the first decides promotion")
     templates: Optional[str] = Field(None, description="openai | simple | a file; default: each set's own")
     checkpoint: Optional[Path] = Field(None, description="default: train.output_dir/model.safetensors")

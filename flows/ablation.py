@@ -11,28 +11,43 @@ MLflow (a summary run's `ablation.md`) and to `<output_dir>/table.md`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Optional
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
+from evaclip import project
 from evaclip.ablation import ROWS, RowResult, row_params, table
-from evaclip.config import Params
+from evaclip.config import Params, load_params
 from evaclip.errors import ConfigError
-from evaclip.tracking import log_ablation_table
-from flows.pipeline import (
-    PipelineParameters,
-    evaluate_and_log,
-    find_teacher,
-    initialize_weights,
-    pretrain_weights,
-    resolve,
-    run_stage,
-    train_model,
-)
+from evaclip.eval import evaluate
+from evaclip.init import initialize
+from evaclip.tracking import log_ablation_table, log_run
+from evaclip.train import launch
+from flows.pipeline import PipelineParameters, base_file, find_teacher, overrides_of
+
+# Rows are experiments beside the pipeline, each in its own output folders: library calls, not dvc.yaml's
+# stages (which hold one run of the project).
+
+
+@task
+def initialize_weights(params: Params) -> None:
+    initialize(params)
+
+
+@task
+def train_model(params: Params, stage: str = "train") -> Path:
+    return launch(params, on_output=get_run_logger().info, stage=stage)
+
+
+@task
+def evaluate_and_log(params: Params) -> dict:
+    record = log_run(params, evaluate(params, progress=False))
+    return {"metrics": record.metrics, "parent_run_id": record.parent_run_id}
 
 
 class AblationParameters(PipelineParameters):
@@ -44,8 +59,14 @@ class AblationParameters(PipelineParameters):
 
 @flow(name="evaclip-ablation", log_prints=True)
 def ablation(parameters: AblationParameters = AblationParameters()) -> dict:
+    root_dir = project.require_root()
+    with contextlib.chdir(root_dir):  # the project's paths (params, MLflow store) are relative to it
+        return run_rows(parameters, root_dir)
+
+
+def run_rows(parameters: AblationParameters, root_dir: Path) -> dict:
     logger = get_run_logger()
-    base = resolve(parameters)
+    base = load_params(base_file(parameters, root_dir) or root_dir / "params.yaml", overrides_of(parameters))
     root = Path(parameters.output_dir)
     rows = [r for r in ROWS if r.number in parameters.rows]
     eva = eva_weights(base, parameters, root) if any(r.eva_init for r in rows) else None
@@ -81,7 +102,7 @@ def eva_weights(base: Params, parameters: AblationParameters, root: Path) -> Pat
                           "so that the registry has a champion to pre-train a fresh EVA from")
     params = base.model_copy(update={"pretrain": base.pretrain.model_copy(
         update={"teacher": teacher, "output_dir": root / "pretrain"})})
-    return Path(run_stage("pretrain", params, pretrain_weights, parameters.force)["checkpoint"])
+    return train_model(params, stage="pretrain")
 
 
 if __name__ == "__main__":

@@ -1,40 +1,42 @@
-"""Prefect 3 flows: thin compositions of evaclip library calls (the same ones the CLI and dvc.yaml make).
+"""Prefect 3 flows: thin compositions of evaclip library calls.
 
-    python -m flows.pipeline                      # the whole pipeline on params.yaml, ephemeral Prefect
-    evaclip pipeline                              # the same flow from the CLI
+    evaclip pipeline                              # the whole pipeline in this project, ephemeral Prefect
+    python -m flows.pipeline                      # the same
 
-Each task wraps one library function; retries are declared where failures are transient (the DVC remote,
-the MLflow server; never on configuration or data errors). DVC commands are serialized by a lock in
-`evaclip.data.versioning`. A stage whose parameters and inputs did not change since its last run is
-skipped (`evaclip.stages`); `force=True` runs everything.
+The stages are dvc.yaml's: each task is `dvc repro --single-item STAGE`, so DVC decides what is current and
+dvc.lock records what ran; `dvc status` is clean after every flow run. A run's inputs (overrides from the
+Prefect form or `-s`, the bootstrap's teacher) are written to params.yaml first. The run is then saved as a
+DVC experiment, whose name and commit, with dvc.lock's digests, go onto its MLflow runs and model version.
+Retries are declared where failures are transient (the DVC remote, the MLflow server; never on
+configuration or data errors). One pipeline run per project at a time: a second one waits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+from mlflow.entities import Param
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from evaclip import stages
+from evaclip import project
 from evaclip.config import Params, load_params, profile_path
-from evaclip.data import prepare
-from evaclip.eval import EvalResult, evaluate
-from evaclip.init import initialize
-from evaclip.tracking import Decision, TrackingRecord, champion_uri, log_pretrain_run, log_run, register_and_promote
-from evaclip.train import launch
+from evaclip.tracking import RECORD, Decision, TrackingRecord, champion_uri, register_and_promote
+from evaclip.tracking.live import PARENT_RUN_ENV, run_id_of
+from evaclip.tracking.runs import flatten
+from evaclip.tracking.store import connect, experiment_id
 
 
 class PipelineParameters(BaseModel):
     """What the Prefect UI shows as the run form."""
 
-    params_file: str = Field("params.yaml", description="the params file (DVC tracks params.yaml)")
+    params_file: str = Field("params.yaml", description="the run's base values (default: the project's params.yaml)")
     profile: Optional[str] = Field(None, description="a profile from configs/ instead of params_file")
     overrides: list[str] = Field(default_factory=list, description="KEY.PATH=VALUE overrides, e.g. train.lr=1e-3")
     devices: Optional[int] = Field(None, gt=0, description="training processes (GPUs, or CPU processes)")
@@ -44,14 +46,20 @@ class PipelineParameters(BaseModel):
                                                "(masked image modelling) and start the new EVA-CLIP from it")
 
 
-def resolve(parameters: PipelineParameters) -> Params:
+def overrides_of(parameters: PipelineParameters) -> list[str]:
     overrides = list(parameters.overrides)
     if parameters.devices:
         overrides.append(f"train.devices={parameters.devices}")
     if parameters.data_source:
         overrides.append(f"data.source={parameters.data_source}")
-    path = profile_path(parameters.profile) if parameters.profile else parameters.params_file
-    return load_params(path, overrides)
+    return overrides
+
+
+def base_file(parameters: PipelineParameters, root: Path) -> Optional[Path]:
+    if parameters.profile:
+        return profile_path(parameters.profile)
+    path = (root / parameters.params_file).resolve()
+    return None if path == (root / "params.yaml").resolve() else path
 
 
 def transient(task, task_run, state) -> bool:
@@ -69,157 +77,125 @@ def transient(task, task_run, state) -> bool:
     return False
 
 
-@task  # DVC retries its own network calls; rebuilding shards on a retry would repeat minutes of work
-def prepare_data(params: Params) -> dict:
-    result = prepare(params)
-    return {"samples": result.manifest["total"], "shards": len(result.manifest["shards"]),
-            "data_version": result.data_version}
-
-
 @task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=transient)
 def find_teacher(params: Params) -> Optional[str]:
     return champion_uri(params)
 
 
 @task
-def pretrain_weights(params: Params) -> dict:
-    logger = get_run_logger()
-    checkpoint = launch(params, on_output=logger.info, stage="pretrain")
-    return {"checkpoint": str(checkpoint), "teacher": params.pretrain.teacher,
-            "mlflow_run_id": log_pretrain_run(params, checkpoint)}
-
-
-def bootstrap(params: Params, force: bool) -> tuple[Params, dict]:
-    """EVA-02's recipe: the champion teaches a fresh EVA by masked image modelling; init starts from it."""
-    logger = get_run_logger()
-    teacher = find_teacher(params)
-    if teacher is None:
-        logger.info("bootstrap: the registry has no champion yet, so this run starts from random initialization")
-        return params, {"skipped": True, "seconds": 0.0, "teacher": None}
-    eva = Path(params.pretrain.output_dir) / "eva.safetensors"
-    params = params.model_copy(update={
-        "pretrain": params.pretrain.model_copy(update={"teacher": teacher}),
-        "init": params.init.model_copy(update={"vision": eva, "vision_format": "eva"}),
-    })
-    logger.info(f"bootstrap: pre-training a fresh EVA from {teacher}'s features, then initializing from {eva}")
-    return params, run_stage("pretrain", params, pretrain_weights, force)
+def write_run_params(root: Path, parameters: PipelineParameters, teacher: Optional[str]) -> Params:
+    """This run's params.yaml: its base, the form's overrides, the bootstrap's teacher (DVC reads it all)."""
+    overrides = overrides_of(parameters)
+    if teacher:
+        eva = load_params(base_file(parameters, root) or root / "params.yaml", overrides).pretrain.output_dir
+        overrides += [f"pretrain.teacher={teacher}", f"init.vision={eva / 'eva.safetensors'}", "init.vision_format=eva"]
+    path = project.run_params(root, overrides, base_file(parameters, root))
+    return load_params(path)
 
 
 @task
-def initialize_weights(params: Params) -> dict:
-    result = initialize(params)
-    return {"checkpoint": str(result.checkpoint), **result.report.counts()}
-
-
-@task
-def train_model(params: Params) -> dict:
-    logger = get_run_logger()
-    return {"model": str(launch(params, on_output=logger.info))}
-
-
-@task
-def evaluate_model(params: Params) -> EvalResult:
-    return evaluate(params, progress=False)
-
-
-@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=transient)
-def log_to_mlflow(params: Params, result: EvalResult) -> TrackingRecord:
-    return log_run(params, result)
-
-
-def evaluate_and_log(params: Params) -> dict:
-    return asdict(log_to_mlflow(params, evaluate_model(params)))
-
-
-@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=transient)
-def promote_model(params: Params, record: TrackingRecord) -> Decision:
-    return register_and_promote(params, record)
-
-
-def run_stage(stage: str, params: Params, run: Callable[[Params], dict], force: bool = False) -> dict:
-    """Run `stage` unless its parameters, inputs and outputs are as its last run left them."""
+def run_stage(root: Path, stage: str, force: bool, parent_run_id: str) -> dict:
+    """`dvc repro --single-item STAGE`: DVC runs it if its code, params or inputs changed (or `force`)."""
     logger = get_run_logger()
     started = time.perf_counter()
-    key = stages.stage_key(params, stage)  # a stage never changes its own inputs: this key holds after it runs
-    summary = None if force else stages.current(params, stage, key)
-    skipped = summary is not None
-    if skipped:
-        logger.info(f"{stage}: unchanged since its last run (key {key[:12]}), skipped")
-    else:
-        if stage == "train" and stages.stamp_path(params, stage).is_file():
-            # The finished run in train.output_dir had another recipe (new data, new parameters):
-            # start a new one instead of refusing to resume it. Its model is in the MLflow registry.
-            params = params.model_copy(update={"train": params.train.model_copy(update={"resume": False})})
-        stages.forget(params, stage)  # a stage that fails half-way leaves no stamp behind
-        summary = run(params)
-        stages.record(params, stage, summary, key)
-    return {**summary, "skipped": skipped, "seconds": time.perf_counter() - started}
+    ran = project.reproduce(root, stage, force, on_output=logger.info, env={PARENT_RUN_ENV: parent_run_id})
+    if not ran:
+        logger.info(f"{stage}: unchanged since dvc.lock recorded it, skipped")
+    return {"skipped": not ran, "seconds": round(time.perf_counter() - started, 1)}
+
+
+@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=transient)
+def open_parent_run(params: Params, name: str) -> str:
+    client = connect(params)
+    tags = {"evaclip.stage": "pipeline", "mlflow.runName": name, "evaclip.profile": params.profile}
+    run_id = client.create_run(experiment_id(client, params), tags=tags).info.run_id
+    flat = list(flatten(params).items())
+    for start in range(0, len(flat), 90):
+        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in flat[start:start + 90]])
+    return run_id
+
+
+@task
+def save_experiment(root: Path, name: str) -> dict[str, str]:
+    """The run as a DVC experiment (`dvc exp apply NAME && dvc repro` reproduces it) and dvc.lock's digests."""
+    return {"dvc.experiment": name, "dvc.experiment_rev": project.save_experiment(root, name),
+            **project.lock_digests(root)}
+
+
+@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=transient)
+def promote_model(params: Params, record: TrackingRecord, tags: dict[str, str]) -> Decision:
+    return register_and_promote(params, record, tags)
+
+
+@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=transient)
+def tag_runs(params: Params, run_ids: list[str], tags: dict[str, str], status: Optional[str] = None) -> None:
+    client = connect(params)
+    for run_id in filter(None, run_ids):
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+    if status:
+        client.set_terminated(run_ids[0], status)
+
+
+@task(retries=3, retry_delay_seconds=[5, 30, 120])
+def push(root: Path, remote: Optional[str]) -> None:
+    project.push(root, remote)
 
 
 @flow(name="evaclip-pipeline", log_prints=True)
 def pipeline(parameters: PipelineParameters = PipelineParameters()) -> dict:
-    """Data (prepare + DVC push) -> EVA init -> DeepSpeed training -> zero-shot evaluation -> promotion."""
-    params = resolve(parameters)
-    force = parameters.force
-    data = run_stage("prepare", params, prepare_data, force)
-    pretrained = None
-    if parameters.bootstrap:
-        params, pretrained = bootstrap(params, force)
-    init = run_stage("init", params, initialize_weights, force)
-    train = run_stage("train", params, train_model, force)
-    evaluation = run_stage("evaluate", params, evaluate_and_log, force)
-    record = TrackingRecord(**{k: evaluation[k] for k in TrackingRecord.__dataclass_fields__})
-    started = time.perf_counter()
-    decision = promote_model(params, record)
-    stage_report = {"prepare": data, **({"pretrain": pretrained} if pretrained else {}), "init": init, "train": train,
-                    "evaluate": evaluation, "promote": {"skipped": False, "seconds": time.perf_counter() - started}}
-    summary = {"data": data, "pretrain": pretrained, "init": init, "train": train, "metrics": record.metrics, "model_uri": record.model_uri,
-               "eval_run_id": record.eval_run_id, "decision": decision.__dict__,
-               "stages": {name: {"skipped": s["skipped"], "seconds": round(s["seconds"], 1)}
-                          for name, s in stage_report.items()}}
-    create_markdown_artifact(markdown=summary_markdown(params, record, decision, data, summary["stages"]),
-                             key="evaclip-pipeline", description="EVA-CLIP pipeline run")
-    return summary
+    """dvc.yaml's stages (data, prepare, pretrain, init, train, evaluate), then promotion in the registry."""
+    root = project.require_root()
+    with contextlib.chdir(root), project.exclusive(root):
+        name = f"{flow_run.get_name() or 'pipeline'}-{(flow_run.get_id() or '')[:8]}".strip("-")
+        base = load_params(base_file(parameters, root) or root / "params.yaml", overrides_of(parameters))
+        teacher = find_teacher(base) if parameters.bootstrap else None
+        if parameters.bootstrap and teacher is None:
+            print("bootstrap: the registry has no champion yet, so this run starts from random initialization")
+        params = write_run_params(root, parameters, teacher)
+        parent = open_parent_run(params, name)
+        stages = {}
+        try:
+            for stage, target in project.stages(root).items():
+                stages[stage] = run_stage.with_options(name=stage)(root, target, parameters.force, parent)
+        except BaseException:
+            tag_runs(params, [parent], {}, status="FAILED")
+            raise
+        record = TrackingRecord(**json.loads((Path(params.eval.output_dir) / RECORD).read_text()))
+        started = time.perf_counter()
+        refs = save_experiment(root, name) if params.data.version else project.lock_digests(root)
+        decision = promote_model(params, record, refs)
+        tag_runs(params, [parent, record.eval_run_id, record.parent_run_id, run_id_of(params.train.output_dir)],
+                 refs, status=None)
+        tag_runs(params, [parent], {"model_version": decision.version, "eval_run_id": record.eval_run_id},
+                 status="FINISHED")
+        if params.data.version:
+            push(root, params.data.remote)
+        stages["promote"] = {"skipped": False, "seconds": round(time.perf_counter() - started, 1)}
+        summary = {"metrics": record.metrics, "model_uri": record.model_uri, "eval_run_id": record.eval_run_id,
+                   "parent_run_id": parent, "train_run_id": run_id_of(params.train.output_dir),
+                   "teacher": teacher, "dvc": refs, "decision": decision.__dict__, "stages": stages}
+        create_markdown_artifact(markdown=summary_markdown(params, summary), key="evaclip-pipeline",
+                                 description="EVA-CLIP pipeline run")
+        return summary
 
 
-@flow(name="evaclip-data")
-def data_flow(parameters: PipelineParameters = PipelineParameters()) -> dict:
-    return run_stage("prepare", resolve(parameters), prepare_data, parameters.force)
-
-
-@flow(name="evaclip-train")
-def train_flow(parameters: PipelineParameters = PipelineParameters()) -> dict:
-    return train_model(resolve(parameters))
-
-
-@flow(name="evaclip-evaluate")
-def evaluate_flow(parameters: PipelineParameters = PipelineParameters()) -> dict:
-    return evaluate_and_log(resolve(parameters))["metrics"]
-
-
-@flow(name="evaclip-promote")
-def promote_flow(parameters: PipelineParameters = PipelineParameters()) -> dict:
-    from evaclip.tracking import RECORD
-
-    params = resolve(parameters)
-    record = TrackingRecord(**json.loads((Path(params.eval.output_dir) / RECORD).read_text()))
-    return promote_model(params, record).__dict__
-
-
-def summary_markdown(params: Params, record: TrackingRecord, decision: Decision, data: dict,
-                     stage_report: dict) -> str:
-    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in record.metrics.items() if "/" not in k and k != "samples")
+def summary_markdown(params: Params, summary: dict) -> str:
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in summary["metrics"].items() if "/" not in k and k != "samples")
     timings = "\n".join(f"| {name} | {'skipped (unchanged)' if s['skipped'] else 'ran'} | {s['seconds']:.1f} |"
-                        for name, s in stage_report.items())
-    verdict = "**promoted to champion**" if decision.promoted else "not promoted"
+                        for name, s in summary["stages"].items())
+    decision = summary["decision"]
+    verdict = "**promoted to champion**" if decision["promoted"] else "not promoted"
+    refs = summary["dvc"]
     return (
         f"# EVA-CLIP pipeline: {params.model.name} ({params.profile})\n\n"
         f"| metric | value |\n|---|---|\n{rows}\n\n"
         f"| stage | status | seconds |\n|---|---|---|\n{timings}\n\n"
-        f"Model `{decision.name}` version {decision.version}: {verdict}. Reason: {decision.reason}. "
-        f"Champion: version {decision.champion}.\n\n"
-        f"MLflow run `{record.eval_run_id}` ({record.tracking_uri}); model `{record.model_uri}`.\n\n"
-        f"Data version (data.dvc): `{data.get('data_version')}`; {data['samples']} training samples.\n"
+        f"Model `{decision['name']}` version {decision['version']}: {verdict}. Reason: {decision['reason']}. "
+        f"Champion: version {decision['champion']}.\n\n"
+        f"MLflow run `{summary['eval_run_id']}`; model `{summary['model_uri']}`.\n\n"
+        f"DVC experiment `{refs.get('dvc.experiment', '-')}` ({refs.get('dvc.experiment_rev', '-')[:12]}): "
+        f"`dvc exp apply {refs.get('dvc.experiment', 'NAME')} && dvc repro` reproduces this run.\n"
     )
 
 

@@ -7,6 +7,9 @@ the published formats are (timm, original EVA/EVA-02 MIM, EVA-CLIP, open_clip, O
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,41 @@ from evaclip.model import create_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def sh(args, cwd, env=None, timeout=900) -> str:
+    """Run a command as a user would (the venv's tools on PATH); fail the test with its output."""
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1", **(env or {}))
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{args}: {result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def git_commit(root: Path, message: str = "step") -> None:
+    sh(["git", "add", "-A"], root)
+    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", message], root)
+
+
+def make_project(root: Path, overrides: list[str], remote: Path | None = None, data_dvc: bool = False) -> Path:
+    """This project's pipeline (dvc.yaml, bin/, evaclip/, params.yaml with `overrides`) in a new git + DVC repo."""
+    import yaml
+
+    root.mkdir(parents=True)
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", *(["data.dvc"] if data_dvc else [])):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "bin", root / "bin")
+    shutil.copytree(REPO / "evaclip", root / "evaclip", ignore=shutil.ignore_patterns("__pycache__"))
+    params = load_params(REPO / "params.yaml", overrides)
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    (root / ".venv").symlink_to(Path(sys.prefix))  # as `make setup` leaves it: bin/evaclip finds it
+    sh(["git", "init", "-q"], root)
+    (root / ".git" / "info" / "exclude").write_text(".venv\n")
+    sh(["dvc", "init", "-q"], root)
+    if remote is not None:
+        sh(["dvc", "remote", "add", "-d", "local", str(remote)], root)
+    git_commit(root, "project")
+    return root
 
 # timm key -> original EVA-02 key (the inverse of timm's checkpoint_filter_fn renames).
 TIMM_TO_EVA = {

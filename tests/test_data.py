@@ -1,11 +1,10 @@
-"""`evaclip prepare`, DVC versioning, the training loader and the evaluation sets, on real data."""
+"""`evaclip prepare` (dvc.yaml's first stage), DVC remotes, the training loader and the evaluation sets, on real data."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -15,17 +14,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from PIL import Image
 
+from evaclip import project
 from evaclip.config import MixEntry, load_params
-from evaclip.data import data_version, load_eval_set, make_train_loader, prepare
+from evaclip.data import load_eval_set, make_train_loader, prepare
 from evaclip.data.loader import shards_for_slot
 from evaclip.data.shards import read_manifest, verify_shards
 from evaclip.errors import ConfigError, EvaclipError
 from evaclip.model import create_transforms
 
-from .conftest import REPO
+from .conftest import REPO, make_project
 
 BIN = Path(sys.executable).parent
 
@@ -83,64 +82,65 @@ def image_folder(root: Path, per_class=6, classes=("cat", "dog", "sea_lion")) ->
 
 @pytest.fixture(scope="module")
 def fashion_repo(tmp_path_factory):
-    """The demo data prepared in a fresh git + DVC repository, pushed to a local remote."""
+    """The demo's data as a fresh clone gets it: data.dvc imports the Debian files, `dvc repro prepare`
+    shards them, `dvc push` sends both to a local remote."""
     base = tmp_path_factory.mktemp("fashion")
-    root = git_dvc_repo(base / "repo", base / "remote")
-    cwd = Path.cwd()
-    os.chdir(root)  # DVC works relative to the repository, as a user runs `evaclip prepare` there
-    try:
-        result = prepare(params_for(root))
-    finally:
-        os.chdir(cwd)
+    root = make_project(base / "repo", [], remote=base / "remote", data_dvc=True)
+    run(["dvc", "repro", "prepare"], root)
+    run(["dvc", "push", "-q"], root)
     commit(root)
-    return root, result
+    return root, read_manifest(root / "outputs/data/train")
 
 
 def test_fashion_mnist_becomes_caption_shards_and_a_zero_shot_set(fashion_repo):
-    root, result = fashion_repo
-    manifest = result.manifest
+    root, manifest = fashion_repo
     assert manifest["total"] == 60000 and len(manifest["shards"]) == 12
     assert manifest["classnames"][0] == "t-shirt"
-    with tarfile.open(root / "data/train" / manifest["shards"][0]["name"]) as shard:
+    with tarfile.open(root / "outputs/data/train" / manifest["shards"][0]["name"]) as shard:
         captions = {shard.extractfile(m).read().decode() for m in shard if m.name.endswith(".txt")}
     templates = load_params(REPO / "params.yaml").data.caption_templates
     assert len(captions) > 10 and all(any(c == t.format(n) for t in templates for n in manifest["classnames"]) for c in captions)
 
-    evalset = load_eval_set(root / "data/eval/fashion_mnist")
+    evalset = load_eval_set(root / "outputs/data/eval/fashion_mnist")
     assert evalset.layout == "clip_benchmark" and len(evalset.templates) == 80
     assert evalset.classnames[-1] == "ankle boot"
     labels = [label for _, label in evalset.samples()]
     assert len(labels) == 10000 and sorted(set(labels)) == list(range(10))
-    assert json.loads((root / "data/train/quality.json").read_text())["skipped"] == {}
+    assert json.loads((root / "outputs/data/train/quality.json").read_text())["skipped"] == {}
+
+
+# The prepared shards' DVC hash, as the machine that committed this test computed it from the Debian package:
+# the shards are byte-for-byte deterministic, so every machine (and every dvc.lock) gets the same data version.
+FASHION_SHARDS_MD5 = "6520882457cbc18fc11f353194ada649.dir"
 
 
 def test_shards_are_deterministic_so_the_data_version_is_too(fashion_repo):
-    # The repository's own data.dvc was made on another machine from the same package: same hash.
-    root, result = fashion_repo
-    assert result.data_version == data_version(root / "data.dvc") == data_version(REPO / "data.dvc")
+    root, _ = fashion_repo
+    assert project.data_version(root, load_params(root / "params.yaml")) == FASHION_SHARDS_MD5
 
 
-def test_a_fresh_clone_restores_the_data_with_dvc_pull(fashion_repo, tmp_path):
-    root, result = fashion_repo
+def test_a_fresh_clone_pulls_the_data_and_its_shards(fashion_repo, tmp_path):
+    root, manifest = fashion_repo
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(root), str(clone)], tmp_path)
-    assert not (clone / "data").exists()
-    run(["dvc", "pull", "-q"], clone)
-    verify_shards(clone / "data/train")
-    assert read_manifest(clone / "data/train") == result.manifest
+    assert not (clone / "data").exists() and not (clone / "outputs").exists()
+    run(["dvc", "pull", "-q", "data.dvc", "prepare"], clone)  # the stages that ran, as dvc.lock records them
+    verify_shards(clone / "outputs/data/train")
+    assert read_manifest(clone / "outputs/data/train") == manifest
+    assert "up to date" in run(["dvc", "status", "data.dvc", "prepare"], clone)
 
 
 def test_missing_fashion_mnist_package_says_how_to_install(tmp_path):
     with pytest.raises(EvaclipError, match="apt-get install dataset-fashion-mnist"):
-        prepare(params_for(tmp_path, path=tmp_path / "nowhere", version="false"))
+        prepare(params_for(tmp_path, path=tmp_path / "nowhere"))
 
 
 # --- other sources and bad input -------------------------------------------------------------------
 
 def test_image_folder_is_deterministic_byte_for_byte(tmp_path):
     source = image_folder(tmp_path / "src")
-    first = prepare(params_for(tmp_path / "a", source="image_folder", path=source, version="false"))
-    second = prepare(params_for(tmp_path / "b", source="image_folder", path=source, version="false"))
+    first = prepare(params_for(tmp_path / "a", source="image_folder", path=source))
+    second = prepare(params_for(tmp_path / "b", source="image_folder", path=source))
     assert first.manifest["shards"] == second.manifest["shards"]  # names, sizes and sha256
     assert first.manifest["classnames"] == ["cat", "dog", "sea lion"]
 
@@ -150,7 +150,7 @@ def test_bad_samples_are_skipped_counted_and_reported(tmp_path):
     good = (source / "cat/0.png").read_bytes()
     (source / "cat/1.png").write_bytes(good[: len(good) // 2])  # truncated
     (source / "dog/2.png").write_bytes(b"not an image at all")  # corrupt
-    params = params_for(tmp_path, source="image_folder", path=source, version="false", max_skipped_fraction=0.05)
+    params = params_for(tmp_path, source="image_folder", path=source, max_skipped_fraction=0.05)
     result = prepare(params)
     quality = json.loads((tmp_path / "data/train/quality.json").read_text())
     assert quality["skipped"] == {"corrupt_image": 2} and quality["written"] == 118
@@ -159,12 +159,12 @@ def test_bad_samples_are_skipped_counted_and_reported(tmp_path):
 
 def test_too_many_bad_samples_fail_and_leave_the_previous_data_intact(tmp_path):
     source = image_folder(tmp_path / "src")
-    prepare(params_for(tmp_path, source="image_folder", path=source, version="false"))
+    prepare(params_for(tmp_path, source="image_folder", path=source))
     before = read_manifest(tmp_path / "data/train")
     for i in range(3):
         (source / "cat" / f"{i}.png").write_bytes(b"garbage")
     with pytest.raises(EvaclipError, match=r"3 of 18 samples skipped .* > data.max_skipped_fraction"):
-        prepare(params_for(tmp_path, source="image_folder", path=source, version="false"))
+        prepare(params_for(tmp_path, source="image_folder", path=source))
     assert read_manifest(tmp_path / "data/train") == before
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["train"]  # no temporary folder left
 
@@ -178,7 +178,7 @@ def test_caption_pairs_from_a_folder_count_caption_problems(tmp_path):
     (source / "img000.txt").unlink()
     (source / "img001.txt").write_text("   ")
     (source / "img002.txt").write_bytes(b"\xff\xfe caption")
-    result = prepare(params_for(tmp_path, source="pairs", path=source, version="false", max_skipped_fraction=0.05))
+    result = prepare(params_for(tmp_path, source="pairs", path=source, max_skipped_fraction=0.05))
     quality = json.loads((tmp_path / "data/train/quality.json").read_text())
     assert quality["skipped"] == {"empty_caption": 1, "missing_caption": 1, "non_utf8_caption": 1}
     assert result.manifest["total"] == 97
@@ -194,17 +194,17 @@ def test_caption_pairs_from_a_table(tmp_path, fmt):
     table = tmp_path / f"pairs.{fmt}"
     getattr(pd.DataFrame(rows), f"to_{fmt}")(table, index=False) if fmt == "csv" else pd.DataFrame(rows).to_parquet(table)
     result = prepare(params_for(tmp_path / "out", source="pairs", path=table, image_column="filepath",
-                                caption_column="title", version="false"))
+                                caption_column="title"))
     assert result.manifest["total"] == 5
 
     with pytest.raises(ConfigError, match="data.caption_column: column 'caption' not in .*columns: filepath, title"):
-        prepare(params_for(tmp_path / "out2", source="pairs", path=table, image_column="filepath", version="false"))
+        prepare(params_for(tmp_path / "out2", source="pairs", path=table, image_column="filepath"))
     assert not (tmp_path / "out2").exists()  # failed before any work
 
 
 def test_unreadable_source_path_fails_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="data.path: .*missing is not a readable folder"):
-        prepare(params_for(tmp_path, source="image_folder", path=tmp_path / "missing", version="false"))
+        prepare(params_for(tmp_path, source="image_folder", path=tmp_path / "missing"))
     assert not (tmp_path / "data").exists()
 
 
@@ -221,16 +221,10 @@ def test_img2dataset_shards_are_indexed_in_place_and_truncated_tars_skipped(tmp_
     whole = (shards / "00003.tar").read_bytes()
     (shards / "00003.tar").write_bytes(whole[:2000])
     with pytest.raises(EvaclipError, match="1 of 4 shards unreadable"):
-        prepare(params_for(tmp_path, source="wds", path=shards, version="false"))
-    result = prepare(params_for(tmp_path, source="wds", path=shards, version="false", max_skipped_fraction=0.3))
+        prepare(params_for(tmp_path, source="wds", path=shards))
+    result = prepare(params_for(tmp_path, source="wds", path=shards, max_skipped_fraction=0.3))
     assert result.manifest["total"] == 30 and all(Path(s["name"]).is_absolute() for s in result.manifest["shards"])
     assert not list((tmp_path / "data/train").glob("*.tar"))  # used in place, only indexed
-
-
-def test_versioning_needs_a_dvc_repository(tmp_path):
-    source = image_folder(tmp_path / "src")
-    with pytest.raises(ConfigError, match="data.version: .* is not inside a DVC repository"):
-        prepare(params_for(tmp_path / "nodvc", source="image_folder", path=source))
 
 
 def test_push_and_pull_through_a_real_s3_server(tmp_path):
@@ -248,28 +242,20 @@ def test_push_and_pull_through_a_real_s3_server(tmp_path):
     )
     try:
         _wait_for_port(port)
-        root = git_dvc_repo(tmp_path / "repo", tmp_path / "unused")
-        run(["dvc", "remote", "add", "-d", "-f", "s3", "s3://bucket/dvc"], root)  # the one config line
+        source = image_folder(tmp_path / "src")
+        root = make_project(tmp_path / "repo", ["data.source=image_folder", f"data.path={source}"])
+        run(["dvc", "remote", "add", "-d", "s3", "s3://bucket/dvc"], root)  # the one config line
         run(["dvc", "remote", "modify", "s3", "endpointurl", f"http://127.0.0.1:{port}"], root)
         credentials = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret"}
-        source = image_folder(tmp_path / "src")
-        cwd = Path.cwd()
-        os.chdir(root)
-        old_env = {k: os.environ.get(k) for k in credentials}
-        os.environ.update(credentials)
-        try:
-            result = prepare(params_for(root, source="image_folder", path=source))
-        finally:
-            os.chdir(cwd)
-            for k, v in old_env.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        run(["dvc", "repro", "prepare"], root)
+        run(["dvc", "push"], root, env=credentials)
         assert list((tmp_path / "s3/bucket/dvc").rglob("*"))  # objects reached the server
         commit(root)
         clone = tmp_path / "clone"
         run(["git", "clone", "-q", str(root), str(clone)], tmp_path)
-        run(["dvc", "pull", "-q"], clone, env=credentials)
-        assert read_manifest(clone / "data/train") == result.manifest
-        verify_shards(clone / "data/train")
+        run(["dvc", "pull", "-q", "prepare"], clone, env=credentials)
+        assert read_manifest(clone / "outputs/data/train") == read_manifest(root / "outputs/data/train")
+        verify_shards(clone / "outputs/data/train")
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -301,7 +287,7 @@ def small_shards(tmp_path_factory):
             (src / f"{name}{i:03d}.png").write_bytes(png((i * 3, 0, 0)))
             (src / f"{name}{i:03d}.txt").write_text(f"{word} {i}")
         out = base / name
-        prepare(params_for(out, source="pairs", path=src, version="false", samples_per_shard=8))
+        prepare(params_for(out, source="pairs", path=src, samples_per_shard=8))
         sets.append(out / "data/train")
     return sets
 
@@ -403,9 +389,3 @@ def test_caption_eval_set_for_retrieval(tmp_path):
     evalset = load_eval_set(root)
     assert evalset.kind == "retrieval"
     assert [captions for _, captions in evalset.samples()] == [["first caption", "second caption"]]
-
-
-def test_committed_data_dvc_tracks_data_folder():
-    dvc_file = yaml.safe_load((REPO / "data.dvc").read_text())
-    assert dvc_file["outs"][0]["path"] == "data"
-    assert shutil.which("dvc", path=str(BIN))

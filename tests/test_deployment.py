@@ -13,9 +13,14 @@ import pytest
 import yaml
 
 from evaclip.config import load_params, profile_path
-from flows.pipeline import PipelineParameters, resolve
+from flows.pipeline import PipelineParameters, base_file, overrides_of
 
 from .conftest import REPO
+
+
+def resolve(parameters: PipelineParameters):
+    """The params a deployment's run would write into the project (params.yaml, or its profile, + overrides)."""
+    return load_params(base_file(parameters, REPO) or REPO / "params.yaml", overrides_of(parameters))
 
 TEMPLATE = REPO / "deploy" / "kubernetes" / "base-job-template.json"
 

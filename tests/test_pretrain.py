@@ -73,7 +73,7 @@ def test_pretraining_steps_give_an_eva_checkpoint_that_init_loads(tmp_path):
         "data.version=false", "data.samples_per_shard=16", "data.workers=0", "train.devices=2", "train.log_every=1",
         f"pretrain.teacher={teacher_file}", "pretrain.steps=6", "pretrain.batch_size=8", "pretrain.warmup_steps=1",
         f"pretrain.output_dir={tmp_path / 'pretrain'}", f"init.output_dir={tmp_path / 'init'}",
-        f"init.vision={tmp_path / 'pretrain' / 'eva.safetensors'}",
+        f"init.vision={tmp_path / 'pretrain' / 'eva.safetensors'}", f"tracking.default_store={tmp_path / 'mlflow'}",
     ])
     prepare(params)
     checkpoint = launch(params, stage="pretrain")

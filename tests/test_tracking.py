@@ -113,12 +113,21 @@ def test_retrieval_recalls(workspace, tmp_path):
 
 @pytest.fixture(scope="module")
 def logged(workspace, tmp_path_factory):
+    from evaclip.tracking.live import MlflowLogger, open_run
+
     out = tmp_path_factory.mktemp("logged")
-    (out / "train").mkdir()
-    (out / "train" / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": s, "time": 1_800_000_000 + s, "loss": 3.0 - s / 10, "lr/visual": 1e-3, "lr/text": 1e-4}) + "\n"
-        for s in range(1, 6)))
     params = params_in(workspace, out)
+    # A training run as the launcher opens it and rank 0 logs into it (here in-process, without DeepSpeed).
+    env = open_run(params, "train", out / "train")
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    try:
+        rank0 = MlflowLogger(env["EVACLIP_MLFLOW_RUN_ID"])
+        rank0.on_train_start({"steps": 5, "start_step": 0})
+        for step in range(1, 6):
+            rank0.on_step(step, {"loss": 3.0 - step / 10, "lr/visual": 1e-3, "lr/text": 1e-4})
+        rank0.on_train_end({})
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
     record = log_run(params, evaluate(params, progress=False))
     return params, record
 

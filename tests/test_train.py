@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import psutil
 import pytest
 import torch
@@ -149,7 +150,8 @@ def _train_overrides(data_dir, out, **extra):
         "model.name": "evaclip-micro", "model.token_masking": 0.5, "data.output_dir": data_dir, "data.workers": 0,
         "data.shuffle_buffer": 64, "init.output_dir": out / "no-init", "train.output_dir": out,
         "train.batch_size": 16, "train.steps": 24, "train.warmup_steps": 4, "train.checkpoint_every": 4,
-        "train.keep_checkpoints": 2, "train.log_every": 1, "train.lr": 2e-3, "train.unmasked_tuning_steps": 3, **extra,
+        "train.keep_checkpoints": 2, "train.log_every": 1, "train.lr": 2e-3, "train.unmasked_tuning_steps": 3,
+        "tracking.default_store": out.parent / "mlflow", **extra,
     }
     return [item for key, value in values.items() for item in ("-s", f"{key}={value}")]
 
@@ -178,16 +180,29 @@ def test_sigkill_mid_training_then_resume_ends_with_the_same_weights(micro_data,
     deadline = time.time() + 900
     while not (crashed / "latest").is_file() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    # SIGKILL the launcher and both ranks at once, mid-training (torchrun starts ranks in new sessions).
-    for victim in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
+    # SIGKILL torchrun and both ranks at once, mid-training; `evaclip train` (the launcher) outlives them.
+    for victim in psutil.Process(process.pid).children(recursive=True):
         victim.send_signal(signal.SIGKILL)
-    process.communicate()
+    output = process.communicate()[0]
+    assert process.returncode != 0, output[-3000:]
     killed_at = (crashed / "latest").read_text().strip()
     assert killed_at != "step_0000024" and not (crashed / "model.safetensors").exists(), "the run ended before the kill"
+
+    # MLflow saw the run as it went: FAILED, with every step up to the last checkpoint (flushed there) logged.
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    run_id = json.loads((crashed / "mlflow_run.json").read_text())["run_id"]
+    assert client.get_run(run_id).info.status == "FAILED"
+    logged = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert set(range(1, int(killed_at.split("_")[1]) + 1)) <= set(logged)
 
     process = _evaclip_train(_train_overrides(micro_data, crashed))
     output = process.communicate(timeout=900)[0]
     assert process.returncode == 0, output[-4000:]
+    assert json.loads((crashed / "mlflow_run.json").read_text())["run_id"] == run_id  # the resume continues it
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and max(m.step for m in client.get_metric_history(run_id, "loss")) == 24
+    checkpoints = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert {m.params["step"] for m in checkpoints} >= {"24"}
     resumed = load_file(str(crashed / "model.safetensors"))
     for key, value in expected.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)

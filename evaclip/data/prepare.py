@@ -1,6 +1,6 @@
-"""`evaclip prepare`: a data source -> webdataset shards under data/, versioned with DVC.
+"""`evaclip prepare`: a data source -> webdataset shards in data.output_dir (dvc.yaml's `prepare` stage).
 
-Layout of `data.output_dir` (tracked by data.dvc):
+Layout of `data.output_dir` (a DVC-cached output of that stage):
     train/             shard-*.tar, manifest.json, quality.json   (image, caption, class)
     eval/<name>/       shard-*.tar, manifest.json, classnames.txt, zeroshot_classification_templates.txt
 existing webdataset shards (`data.source: wds`) are used in place: train/ then holds only their manifest.
@@ -17,7 +17,6 @@ from typing import Optional
 
 from ..config import Params
 from ..errors import ConfigError, EvaclipError
-from . import versioning
 from .evalsets import openai_templates
 from .shards import QUALITY, build_manifest, write_shard_set
 from .sources import SOURCES, check_tar
@@ -28,14 +27,11 @@ class PrepareResult:
     train_dir: Path
     manifest: dict
     eval_dirs: list[Path]
-    data_version: Optional[str]
 
 
 def prepare(params: Params) -> PrepareResult:
     cfg = params.data
     out = Path(cfg.output_dir)
-    if cfg.version:
-        versioning.require_repo(out)  # fail before any work
     if cfg.source == "wds":
         manifest = index_existing_shards(cfg.path, out / "train", cfg.max_skipped_fraction)
         eval_dirs: list[Path] = []
@@ -63,8 +59,7 @@ def prepare(params: Params) -> PrepareResult:
                 },
             )
             eval_dirs.append(eval_dir)
-    version = versioning.track_and_push(out, cfg.remote) if cfg.version else None
-    return PrepareResult(out / "train", manifest, eval_dirs, version)
+    return PrepareResult(out / "train", manifest, eval_dirs)
 
 
 def index_existing_shards(path: Optional[Path], out_dir: Path, max_skipped_fraction: float) -> dict:

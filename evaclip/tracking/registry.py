@@ -78,7 +78,8 @@ def decide(candidate: dict, champion: Optional[dict], metric: str, margin: float
     return False, f"{metric} {float(value):.4f} does not beat the champion's {float(champion[metric]):.4f} by {margin}"
 
 
-def register_and_promote(params: Params, record: TrackingRecord) -> Decision:
+def register_and_promote(params: Params, record: TrackingRecord, tags: Optional[dict[str, str]] = None) -> Decision:
+    """Register the record's model (idempotent), tag it (`tags`: e.g. the DVC experiment), decide on `champion`."""
     client = connect(params)
     name = registered_name(params)
     metric = params.tracking.promotion_metric
@@ -88,7 +89,7 @@ def register_and_promote(params: Params, record: TrackingRecord) -> Decision:
         pass  # exists already
     version = _version_of(client, name, record)
     tags = {"eval_set": record.eval_set, "data_version": record.data_version or "", "eval_run_id": record.eval_run_id,
-            **{tag_key(k): str(v) for k, v in record.metrics.items()}}
+            **{tag_key(k): str(v) for k, v in record.metrics.items()}, **(tags or {})}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)

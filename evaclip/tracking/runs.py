@@ -18,9 +18,9 @@ import evaclip as evaclip_package
 
 from ..checkpoint import atomic_write_text
 from ..config import Params
-from ..data.versioning import data_version
 from ..eval import EvalResult
 from ..export import export_open_clip
+from ..project import data_version, find_root, lock_digests
 from . import pyfunc
 from .store import connect, experiment_id
 
@@ -56,9 +56,12 @@ def flatten(params: Params) -> dict[str, str]:
 def run_tags(params: Params) -> dict[str, str]:
     tags = {"evaclip.profile": params.profile, "evaclip.model": params.model.name,
             "host": platform.node(), "device": _device()}
-    version_ = data_version(Path(f"{params.data.output_dir}.dvc"))
+    root = find_root()
+    version_ = data_version(root, params)
     if version_:
         tags["data_version"] = version_
+    if root is not None:
+        tags.update(lock_digests(root))
     tags.update(_git())
     for package in ("evaclip", "torch", "open_clip_torch", "timm", "deepspeed", "mlflow", "dvc", "prefect"):
         try:
@@ -100,7 +103,8 @@ def log_run(params: Params, evaluation: EvalResult, parent_run_id: str | None = 
             mlflow.log_params(flatten(params))
         _log_stage_data(params, tags)
         _log_stage_init(params, tags)
-        _log_stage_train(params, tags)
+        _adopt_stage_run(params.train.output_dir, parent.info.run_id)
+        _adopt_stage_run(params.pretrain.output_dir, parent.info.run_id)
         record = _log_stage_evaluate(params, evaluation, tags, parent.info.run_id, experiment)
     record.tracking_uri = mlflow.get_tracking_uri()
     atomic_write_text(Path(params.eval.output_dir) / RECORD, json.dumps(asdict(record), indent=2) + "\n")
@@ -127,56 +131,20 @@ def _log_stage_init(params: Params, tags: dict) -> None:
                 mlflow.log_metric(f"keys_{status}", count)
 
 
-def _log_stage_train(params: Params, tags: dict) -> None:
-    with mlflow.start_run(run_name="train", nested=True, tags=tags):
-        _log_metrics_file(Path(params.train.output_dir) / "metrics.jsonl", "train")
+def _adopt_stage_run(output_dir: Path, parent_run_id: str) -> None:
+    """Nest a training or pre-training run (opened live by the launcher) under the pipeline's run, if not yet."""
+    from .live import run_id_of
 
-
-def _log_metrics_file(metrics_file: Path, stage: str) -> None:
-    """Every logged step of a metrics.jsonl (what the training callbacks write) into the active run."""
-    if not metrics_file.is_file():
+    run_id = run_id_of(Path(output_dir))
+    if not run_id:
         return
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-    from mlflow.entities import Metric
-
-    batch = [Metric(key.replace("/", "_"), float(value), int(row["time"] * 1000), row["step"])
-             for row in rows for key, value in row.items() if key not in ("step", "time")]
     client = mlflow.tracking.MlflowClient()
-    run_id = mlflow.active_run().info.run_id
-    for start in range(0, len(batch), 900):  # the store's batch limit is 1000
-        client.log_batch(run_id, metrics=batch[start:start + 900])
-    mlflow.log_figure(_curves(rows), f"{stage}/loss_lr.png")
-
-
-def log_pretrain_run(params: Params, checkpoint: Path) -> str:
-    """One run for a masked-image-modelling pre-training: its config, teacher, loss curve; returns its id."""
-    client = connect(params)
-    mlflow.set_experiment(experiment_id=experiment_id(client, params))
-    tags = {**run_tags(params), "evaclip.stage": "pretrain", "evaclip.teacher": str(params.pretrain.teacher)}
-    with mlflow.start_run(run_name=f"pretrain-{params.profile}", tags=tags) as run:
-        mlflow.log_params({f"pretrain.{k}": str(v) for k, v in params.pretrain.model_dump(mode="json").items()})
-        _log_metrics_file(Path(params.pretrain.output_dir) / "metrics.jsonl", "pretrain")
-        mlflow.log_param("pretrain.checkpoint", str(checkpoint))
-        return run.info.run_id
-
-
-def _curves(rows: list[dict]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (loss_ax, lr_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
-    steps = [r["step"] for r in rows]
-    loss_ax.plot(steps, [r["loss"] for r in rows])
-    loss_ax.set(title="contrastive loss", xlabel="step")
-    for key in sorted(k for k in rows[0] if k.startswith("lr/")):
-        lr_ax.plot(steps, [r[key] for r in rows], label=key[3:])
-    lr_ax.set(title="learning rate", xlabel="step")
-    lr_ax.legend()
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return  # logged to another store
+    if "mlflow.parentRunId" not in run.data.tags and run_id != parent_run_id:
+        client.set_tag(run_id, "mlflow.parentRunId", parent_run_id)
 
 
 def _log_stage_evaluate(params: Params, evaluation: EvalResult, tags: dict, parent_id: str, experiment: str) -> TrackingRecord:

@@ -41,6 +41,13 @@ def trainer_state(path: Path) -> dict:
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
+def remove_all(root: Path) -> None:
+    """Drop every checkpoint in `root` (another recipe's: resuming them would mix two runs)."""
+    for path in Path(root).glob("step_*"):
+        shutil.rmtree(path, ignore_errors=True)
+    (Path(root) / LATEST).unlink(missing_ok=True)
+
+
 def save(engine, root: Path, state: dict, keep: int) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder."""
     root = Path(root)

@@ -75,7 +75,8 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
     device = engine.device
 
     recipe = run_recipe(params, start)
-    state = {"step": 0, "samples_seen": 0, "epoch": 0, "samples_in_epoch": 0, "recipe": recipe}
+    state = {"step": 0, "samples_seen": 0, "epoch": 0, "samples_in_epoch": 0, "recipe": recipe,
+             "mlflow_run_id": os.environ.get("EVACLIP_MLFLOW_RUN_ID")}  # a resume continues that run
     latest = checkpoints.latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if latest is not None:
         _check_same_recipe(checkpoints.trainer_state(latest).get("recipe", {}), recipe, latest)

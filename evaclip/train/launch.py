@@ -22,7 +22,8 @@ import yaml
 from ..config import Params
 from ..errors import ConfigError, EvaclipError
 from ..model import model_config
-from .engine import init_checkpoint
+from . import checkpoints
+from .engine import init_checkpoint, run_recipe
 from .worker import stage_output_dir
 
 
@@ -76,6 +77,23 @@ _STAGES = {  # stage -> (worker module, pre-launch check, output file)
 }
 
 
+def _resumed_run_id(params: Params) -> Optional[str]:
+    """The MLflow run of the checkpoint that training will resume, if any.
+
+    `train.resume: if_same` (dvc.yaml's stage) resumes a crashed run of the same recipe and starts over after
+    a change: DVC reruns the stage because something changed, and the old checkpoints belong to another run.
+    """
+    cfg = params.train
+    latest = checkpoints.latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if latest is None:
+        return None
+    state = checkpoints.trainer_state(latest)
+    if cfg.resume == "if_same" and state.get("recipe") != run_recipe(params, init_checkpoint(params)):
+        checkpoints.remove_all(cfg.output_dir)
+        return None
+    return state.get("mlflow_run_id")
+
+
 def launch_command(params_file: Path, params: Params, master_port: Optional[int] = None,
                    module: str = "evaclip.train.worker") -> list[str]:
     cfg = params.train
@@ -113,6 +131,10 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     process_env = dict(os.environ, **(env or {}))
     process_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // params.train.devices)))
+    from ..tracking import live
+
+    run_env = live.open_run(params, stage, out, _resumed_run_id(params) if stage == "train" else None)
+    process_env.update(run_env)
     error_file = out / "error.json"  # written by rank 0 on a known error (see worker.py)
     error_file.unlink(missing_ok=True)
     command = launch_command(params_file, params, master_port, module)
@@ -124,6 +146,7 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
             for line in process.stdout:
                 on_output(line.rstrip())
         returncode = process.returncode
+    live.close_run(params, run_env[live.RUN_ID_ENV], succeeded=returncode == 0)
     if returncode != 0:
         error = EvaclipError(f"{stage} failed (exit code {returncode}); what it saved is kept in {out}")
         if error_file.is_file():

@@ -1,0 +1,209 @@
+"""The project: a git + DVC repository whose `dvc.yaml` defines the stages and `params.yaml` their inputs.
+
+`dvc.yaml` is the only record of what a stage runs, depends on and produces; `dvc.lock` the only record
+of what ran. Everything that runs stages (the Prefect flow, `dvc repro`, a user) goes through DVC, so
+they all agree about what is current.
+
+DVC is driven through its command line with the project as working directory: its Python API resolves
+paths against the process's current directory, which a library cannot assume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from filelock import FileLock
+
+from .config import load_params
+from .errors import ConfigError, EvaclipError
+
+# What a flow run wrote into params.yaml, and the text it started from (see `run_params`).
+RUN_PARAMS_RECORD = Path(".dvc/tmp/evaclip-run-params.json")
+
+
+def find_root(start: Optional[Path] = None) -> Optional[Path]:
+    """The project (the folder holding `.dvc/` and `dvc.yaml`) containing `start`, if any."""
+    start = Path(start or os.environ.get("EVACLIP_HOME") or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+def require_root(start: Optional[Path] = None) -> Path:
+    root = find_root(start)
+    if root is None or not (root / "dvc.yaml").is_file():
+        raise ConfigError(f"{Path(start or Path.cwd()).resolve()} is not inside an evaclip project "
+                          "(a git + DVC repository with dvc.yaml): run from the project's folder or set EVACLIP_HOME")
+    return root
+
+
+def dvc(args: list[str], root: Path, on_output: Optional[Callable[[str], None]] = None,
+        env: Optional[dict] = None) -> str:
+    """Run `dvc ARGS` in `root`; its output line by line to `on_output` (a flow's logger), and returned."""
+    bin_dir = str(Path(sys.executable).parent)  # stages run `bin/evaclip`, which finds the venv itself
+    process_env = dict(os.environ, DVC_NO_ANALYTICS="1", **(env or {}))
+    process_env["PATH"] = f"{bin_dir}{os.pathsep}{process_env.get('PATH', '')}"
+    lines = []
+    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=process_env, text=True, bufsize=1,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
+        for line in process.stdout:
+            lines.append(line)
+            if on_output:
+                on_output(line.rstrip())
+    output = "".join(lines)
+    if process.returncode != 0:
+        raise EvaclipError(f"`dvc {' '.join(args)}` failed in {root}:\n{output.strip()[-4000:]}")
+    return output
+
+
+@contextmanager
+def exclusive(root: Path) -> Iterator[None]:
+    """One pipeline run per project at a time: two would rewrite params.yaml under each other."""
+    (root / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".dvc" / "tmp" / "evaclip-pipeline.lock")):
+        yield
+
+
+def stages(root: Path) -> dict[str, str]:
+    """name -> DVC target, in the order they run: the source data's .dvc file, then dvc.yaml's stages."""
+    targets = {"data": "data.dvc"} if (root / "data.dvc").is_file() else {}
+    for name in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]:
+        targets[name] = name
+    return targets
+
+
+def changed(root: Path, stage: str) -> bool:
+    """Whether `dvc repro` would run `stage` (its deps, params or outputs differ from dvc.lock)."""
+    return bool(json.loads(dvc(["status", "--json", stage], root) or "{}"))
+
+
+def reproduce(root: Path, stage: str, force: bool = False, on_output: Optional[Callable[[str], None]] = None,
+              env: Optional[dict] = None) -> bool:
+    """`dvc repro --single-item STAGE`: runs it if it changed (or `force`); returns whether it ran."""
+    if not force and not changed(root, stage):
+        return False
+    dvc(["repro", "--single-item", *(["--force"] if force else []), stage], root, on_output, env)
+    return True
+
+
+def save_experiment(root: Path, name: str) -> str:
+    """Record the workspace (params.yaml, dvc.lock, code) as a DVC experiment; returns its git commit.
+
+    `dvc exp apply NAME` brings it back and `dvc repro` (or `dvc pull`) rebuilds its outputs.
+    """
+    dvc(["exp", "save", "--force", "--include-untracked", "dvc.lock", "-n", name], root)
+    ref = subprocess.run(["git", "for-each-ref", "--format=%(objectname)", f"refs/exps/**/{name}"], cwd=root,
+                         capture_output=True, text=True, check=True).stdout.split()
+    return ref[0] if ref else ""
+
+
+def push(root: Path, remote: Optional[str] = None) -> None:
+    """Every stage's cached outputs (and the imported data) to the DVC remote, if the project has one."""
+    remotes = dvc(["remote", "list"], root)
+    if remote or remotes.strip():
+        dvc(["push", *(["-r", remote] if remote else [])], root)
+
+
+def lock_digests(root: Path) -> dict[str, str]:
+    """Digests of what dvc.lock recorded: the data (imports and data deps), the parameters, the code."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text()) if (root / "dvc.lock").is_file() else {}
+    parts: dict[str, dict] = {"data": {}, "params": {}, "code": {}}
+    for name, stage in sorted((lock or {}).get("stages", {}).items()):
+        for dep in stage.get("deps", []):
+            kind = "code" if dep["path"].startswith(("evaclip", "bin/")) else "data"
+            parts[kind][dep["path"]] = dep.get("md5")
+        parts["params"][name] = stage.get("params", {})
+    if (root / "data.dvc").is_file():
+        parts["data"]["data.dvc"] = (yaml.safe_load((root / "data.dvc").read_text())["outs"][0]).get("md5")
+    return {f"dvc.lock.{kind}": _digest(value)[:16] for kind, value in parts.items()}
+
+
+def data_version(root: Optional[Path], params) -> Optional[str]:
+    """The md5 that dvc.lock recorded for the prepared shards (else data.dvc's, for the source data)."""
+    if root is None:
+        return None
+    lock = yaml.safe_load((root / "dvc.lock").read_text()) if (root / "dvc.lock").is_file() else {}
+    prepared = ((lock or {}).get("stages", {}).get("prepare") or {}).get("outs") or []
+    if prepared and Path(prepared[0]["path"]) == Path(params.data.output_dir):
+        return prepared[0].get("md5")
+    file = root / "data.dvc"
+    return (yaml.safe_load(file.read_text())["outs"][0]).get("md5") if file.is_file() else None
+
+
+# --- A flow run's inputs, written where DVC reads them ---------------------------------------------------
+
+def run_params(root: Path, overrides: list[str], base_file: Optional[Path] = None) -> Path:
+    """Write params.yaml for this run: its base plus `overrides`; returns its path.
+
+    The base is `base_file` (a profile), else params.yaml as the user left it: after a run that wrote
+    overrides into it, the next run starts from the text that run started from, unless the user edited the
+    file since. Only values that differ are written (comments and layout kept), so dvc.lock records the run's
+    real inputs and `dvc params diff` shows them.
+    """
+    target = root / "params.yaml"
+    record_file = root / RUN_PARAMS_RECORD
+    current = target.read_text() if target.is_file() else ""
+    base = Path(base_file).read_text() if base_file else current
+    if base_file is None and record_file.is_file():
+        record = json.loads(record_file.read_text())
+        if record.get("written") == _digest(current):
+            base = record["base"]
+    text = with_overrides(base, overrides, target)
+    if text != current:
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    record_file.parent.mkdir(parents=True, exist_ok=True)
+    record_file.write_text(json.dumps({"written": _digest(text), "base": base}))
+    return target
+
+
+def with_overrides(text: str, overrides: list[str], where: Path) -> str:
+    """`text` (a params file) with the values that `overrides` change, validated, comments kept."""
+    from ruamel.yaml import YAML
+
+    tmp = where.with_name(f".{where.name}.base")
+    tmp.write_text(text)
+    try:
+        before = load_params(tmp).model_dump(mode="json")
+        after = load_params(tmp, overrides).model_dump(mode="json")  # names a bad key or value
+    finally:
+        tmp.unlink(missing_ok=True)
+    if before == after:
+        return text
+    yml = YAML()
+    yml.indent(mapping=2, sequence=4, offset=2)
+    yml.width = 4096
+    yml.preserve_quotes = True
+    yml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    document = yml.load(text) or {}
+    _set_changed(document, before, after)
+    stream = io.StringIO()
+    yml.dump(document, stream)
+    return stream.getvalue()
+
+
+def _set_changed(document: Any, before: dict, after: dict) -> None:
+    for key, value in after.items():
+        if isinstance(value, dict) and isinstance(before.get(key), dict):
+            if key not in document:
+                document[key] = {}
+            _set_changed(document[key], before[key], value)
+        elif before.get(key) != value:
+            document[key] = value
+
+
+def _digest(value: Any) -> str:
+    data = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(data.encode()).hexdigest()

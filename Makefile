@@ -56,7 +56,7 @@ lint: setup
 # On a GPU machine: benchmarks/gpu_check.sh.
 bench: setup
 	@mkdir -p benchmarks/results
-	test -f data/train/manifest.json || $(BIN)/evaclip prepare
+	test -f outputs/data/train/manifest.json || $(BIN)/dvc repro prepare
 	$(BIN)/python benchmarks/bench_model.py
 	$(BIN)/python benchmarks/bench_model.py --model EVA02-B-16 --batch 4 --reps 5
 	$(BIN)/python benchmarks/bench_train.py

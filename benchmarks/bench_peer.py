@@ -69,7 +69,7 @@ def ours(args, work: Path, rep: int, env: dict) -> dict:
 def theirs(args, work: Path, rep: int, env: dict) -> dict:
     name = f"theirs-{rep}"
     peer_args = [
-        "--token-masking", str(args.masking), "--model", args.model, "--train-data", shards(REPO / "data"), "--dataset-type", "webdataset",
+        "--token-masking", str(args.masking), "--model", args.model, "--train-data", shards(REPO / "outputs" / "data"), "--dataset-type", "webdataset",
         "--train-num-samples", str(args.steps * args.batch * args.procs), "--epochs", "1",
         "--batch-size", str(args.batch), "--workers", str(args.workers), "--precision", "fp32",
         "--opt", "timm/lamb", "--lr", str(args.lr), "--wd", "0.05", "--beta1", "0.9", "--beta2", "0.98",
@@ -100,8 +100,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
-    if not (REPO / "data" / "train" / "manifest.json").is_file():
-        raise SystemExit("no shards in data/train: run `evaclip prepare` (or `dvc pull`) first")
+    if not (REPO / "outputs" / "data" / "train" / "manifest.json").is_file():
+        raise SystemExit("no shards in outputs/data/train: run `dvc repro prepare` (or `dvc pull prepare`) first")
 
     threads = str(max(1, (os.cpu_count() or 2) // args.procs))
     env = dict(os.environ, OMP_NUM_THREADS=threads, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")

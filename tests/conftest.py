@@ -25,6 +25,18 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(autouse=True)
+def _tracking_env_restored():
+    """MLflow writes MLFLOW_* variables into os.environ (set_tracking_uri, runs); the flows read EVACLIP_HOME.
+    Each test gets them back as they were, so that no test's store or project leaks into the next one."""
+    prefixes = ("MLFLOW_", "EVACLIP_")
+    saved = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
+    yield
+    for key in [k for k in os.environ if k.startswith(prefixes)]:
+        del os.environ[key]
+    os.environ.update(saved)
+
+
 def sh(args, cwd, env=None, timeout=900) -> str:
     """Run a command as a user would (the venv's tools on PATH); fail the test with its output."""
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1", **(env or {}))

@@ -49,11 +49,18 @@ def first_run(prefect_api, tmp_path_factory):
         "train.log_every=2",
         f"eval.sets=[{evalset}]", "eval.templates=simple",
     ], remote=tmp_path / "remote")
-    os.environ["EVACLIP_HOME"] = str(root)  # what the deployments set; the flow runs in that project
     overrides = ["train.lr=0.003"]  # from the Prefect form
-    summary = pipeline(PipelineParameters(overrides=overrides, devices=2))
-    yield summary, overrides, root
-    os.environ.pop("EVACLIP_HOME")
+    os.environ["EVACLIP_HOME"] = str(root)  # what the deployments set; the flow runs in that project
+    try:
+        summary = pipeline(PipelineParameters(overrides=overrides, devices=2))
+    finally:
+        del os.environ["EVACLIP_HOME"]
+    return summary, overrides, root
+
+
+@pytest.fixture(autouse=True)
+def in_the_project(first_run, monkeypatch):
+    monkeypatch.setenv("EVACLIP_HOME", str(first_run[2]))
 
 
 def _client(root):

@@ -15,13 +15,11 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-import yaml
 
 from deploy.stack import PG_BIN, Stack, free_port
-from evaclip.config import load_params
 
-from .conftest import REPO
-from .test_data import commit, git_dvc_repo, image_folder, red_blue_pairs
+from .conftest import REPO, git_commit, make_project
+from .test_data import image_folder, red_blue_pairs
 
 BIN = Path(sys.executable).parent
 
@@ -29,18 +27,16 @@ BIN = Path(sys.executable).parent
 @pytest.fixture
 def project(tmp_path):
     """A checkout of its own (git + DVC), as a worker machine would hold, with a micro-model params.yaml."""
-    root = git_dvc_repo(tmp_path / "project", tmp_path / "local-remote")
-    shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
     source = red_blue_pairs(tmp_path / "pairs", 64)
     evalset = image_folder(tmp_path / "evalset", per_class=2)
-    params = load_params(REPO / "params.yaml", [
+    root = make_project(tmp_path / "project", [
         "model.name=evaclip-micro", "data.source=pairs", f"data.path={source}", "data.samples_per_shard=16",
         "data.remote=stack", "data.workers=0", "train.steps=4", "train.warmup_steps=1", "train.batch_size=8",
         f"eval.sets=[{evalset}]", "eval.templates=simple",
-    ])
-    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-    commit(root, "project")
+    ], remote=tmp_path / "local-remote")
+    shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
+    git_commit(root, "flows")
     return root
 
 

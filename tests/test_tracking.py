@@ -149,6 +149,8 @@ def test_a_pipeline_run_logs_config_tags_stages_artifacts_and_the_model(logged):
 
 def test_the_pyfunc_model_embeds_images_and_texts_and_labels_images(logged):
     params, record = logged
+    files = {Path(p).name for p in Path(mlflow.artifacts.download_artifacts(record.model_uri)).rglob("*")}
+    assert "python_model.pkl" not in files and "pyfunc_model.py" in files  # logged as code: nothing to unpickle
     model = mlflow.pyfunc.load_model(record.model_uri)
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (10, 200, 30)).save(buffer, format="PNG")

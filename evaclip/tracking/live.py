@@ -82,6 +82,7 @@ class MlflowLogger(BaseCallback):
 
     def on_train_start(self, info):
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(self.run_id).info.experiment_id)
         self.run = mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
 
     def on_step(self, step, metrics):

@@ -161,7 +161,7 @@ def _log_stage_evaluate(params: Params, evaluation: EvalResult, tags: dict, pare
             export = export_open_clip(params, evaluation.checkpoint, Path(tmp) / "open_clip")
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=pyfunc.EvaClipModel(),
+                python_model=str(Path(pyfunc.__file__).with_name("pyfunc_model.py")),  # code, not a pickle
                 artifacts={"open_clip": str(export.directory)},
                 signature=pyfunc.signature(),
                 input_example=_input_example(first),

@@ -6,6 +6,7 @@ The multi-process tests run real DeepSpeed with 2 CPU processes over gloo, launc
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -256,12 +257,19 @@ def test_cli_train_exits_2_naming_the_key(tmp_path):
 
 def test_deepspeed_launcher_and_bf16_on_cpu(micro_data, tmp_path):
     out = tmp_path / "bf16"
+    hot = tmp_path / "hot-init.safetensors"  # a temperature past open_clip's bound (ln 100)
+    state = create_model(ModelConfig(name="evaclip-micro")).state_dict()
+    state["logit_scale"] = torch.tensor(math.log(400.0))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(hot))
     process = _evaclip_train(_train_overrides(micro_data, out, **{
         "train.steps": 4, "train.launcher": "deepspeed", "train.precision": "bf16", "train.unmasked_tuning_steps": 0,
+        "train.init_checkpoint": hot,
     }))
     output = process.communicate(timeout=900)[0]
     assert process.returncode == 0, output[-4000:]
     weights = load_file(str(out / "model.safetensors"))
+    # Clamped after each step, as open_clip does (the saved value; bf16 rounds ln 100 down a little).
+    assert weights["logit_scale"].float().item() <= math.log(100.0) + 1e-6
     assert weights["visual.trunk.blocks.0.attn.q_proj.weight"].dtype == torch.bfloat16
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
 

@@ -108,7 +108,7 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
             set_token_masking(engine.module, masking)
             image_features, text_features, logit_scale = engine(images.to(device, dtype), texts.to(device))
             # The contrastive loss in fp32 whatever the compute precision: its logits span a wide range.
-            loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float().clamp(max=MAX_LOGIT_SCALE))
+            loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
             if not _finite_everywhere(loss, device):
                 # Skip on every rank alike, keep the last good checkpoint untouched.
                 nonfinite += 1
@@ -123,6 +123,7 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
             engine.backward(loss)
             clip_gradients(engine, cfg)
             engine.step()
+            clamp_logit_scale(engine.module)
             _skip_batch(state, cfg, world)
             micro += 1
             if micro % cfg.grad_accum_steps:
@@ -193,6 +194,20 @@ def _check_same_recipe(saved: dict, current: dict, checkpoint: Path) -> None:
         )
 
 
+def clamp_logit_scale(module: torch.nn.Module) -> None:
+    """open_clip's bound on the learned temperature, applied as it does: to the parameter after the step, not
+    inside the loss (where the gradient would vanish past the bound). Under ZeRO the optimizer updates an fp32
+    master copy that the next step copies back: it gets the clamped value too (a local write, no collective)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    param = getattr(module, "logit_scale", None)
+    if param is None:
+        return
+    with torch.no_grad():
+        param.clamp_(0, math.log(MAX_LOGIT_SCALE))
+    safe_set_full_fp32_param(param, param.detach().float())
+
+
 def _skip_batch(state: dict, cfg, world: int) -> None:
     consumed = cfg.batch_size * world
     state["samples_seen"] += consumed
@@ -214,7 +229,7 @@ def _metrics(loss, engine, logit_scale, cfg, elapsed, masking, steps_done) -> di
     return {
         "loss": loss,
         **{k: float(v) for k, v in lrs.items()},
-        "logit_scale": float(logit_scale.detach().clamp(max=MAX_LOGIT_SCALE)),
+        "logit_scale": float(logit_scale.detach()),
         "samples_per_s": samples / elapsed if elapsed > 0 else math.nan,
         "token_masking": masking,
     }

@@ -1,7 +1,7 @@
 """The `evaclip` command line: one verb per pipeline stage.
 
 Every verb reads the same configuration (`--params params.yaml`, or `--profile NAME` for
-`configs/NAME.yaml`, plus repeated `-s key.path=value` overrides) and calls the same library
+a packaged profile, plus repeated `-s key.path=value` overrides) and calls the same library
 function that the Prefect flows and `dvc.yaml` call.
 """
 
@@ -34,7 +34,7 @@ err = Console(stderr=True)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file (DVC tracks params.yaml).")]
 ProfileOpt = Annotated[
-    Optional[str], typer.Option("--profile", help="Use configs/NAME.yaml instead of --params, e.g. eva02-clip-b16.")
+    Optional[str], typer.Option("--profile", help="Use the packaged profile NAME (evaclip/profiles/) instead of --params, e.g. eva02-clip-b16.")
 ]
 SetOpt = Annotated[
     Optional[list[str]],
@@ -218,7 +218,7 @@ def config_show(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = N
 @config_app.command("use")
 @_reports_errors
 def config_use(
-    profile: Annotated[str, typer.Argument(help="A profile from configs/, e.g. eva02-clip-b16.")],
+    profile: Annotated[str, typer.Argument(help="A packaged profile (evaclip/profiles/), e.g. eva02-clip-b16.")],
     params: ParamsOpt = Path("params.yaml"),
 ):
     """Make a profile the active params file (what DVC and the pipeline read)."""

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "configs"
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"  # package data: works from a wheel
 
 
 class _Section(BaseModel):
@@ -213,7 +213,7 @@ class Params(_Section):
 
 
 def profile_path(name: str) -> Path:
-    """The file of a named profile (`configs/<name>.yaml`)."""
+    """The file of a named profile (`evaclip/profiles/<name>.yaml`)."""
     path = PROFILES_DIR / f"{name}.yaml"
     if not path.is_file():
         available = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))) or "none"
@@ -235,7 +235,7 @@ def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ())
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"{path}: params file not found (pass --params, or --profile with one of configs/)")
+        raise ConfigError(f"{path}: params file not found (pass --params, or --profile NAME)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:

@@ -37,7 +37,7 @@ class PipelineParameters(BaseModel):
     """What the Prefect UI shows as the run form."""
 
     params_file: str = Field("params.yaml", description="the run's base values (default: the project's params.yaml)")
-    profile: Optional[str] = Field(None, description="a profile from configs/ instead of params_file")
+    profile: Optional[str] = Field(None, description="a packaged profile (evaclip/profiles/) instead of params_file")
     overrides: list[str] = Field(default_factory=list, description="KEY.PATH=VALUE overrides, e.g. train.lr=1e-3")
     devices: Optional[int] = Field(None, gt=0, description="training processes (GPUs, or CPU processes)")
     data_source: Optional[str] = Field(None, description="fashion_mnist | image_folder | pairs | wds")

@@ -93,7 +93,8 @@ def reproduce(root: Path, stage: str, force: bool = False, on_output: Optional[C
     """`dvc repro --single-item STAGE`: runs it if it changed (or `force`); returns whether it ran."""
     if not force and not changed(root, stage):
         return False
-    dvc(["repro", "--single-item", *(["--force"] if force else []), stage], root, on_output, env)
+    # -q: the stage command's own output only, without DVC's hints (git add dvc.lock, dvc push...)
+    dvc(["repro", "-q", "--single-item", *(["--force"] if force else []), stage], root, on_output, env)
     return True
 
 

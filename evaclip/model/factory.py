@@ -8,6 +8,7 @@ sizes live in `configs/*.json` beside this file; any open_clip config name works
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,13 @@ from . import eva  # noqa: F401  (registers our EVA-02 tower sizes with timm)
 from .attention import set_attention_backend
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def _no_random_init_notice(record: logging.LogRecord) -> bool:
+    """open_clip warns on the root logger whenever it builds a model without pretrained weights."""
+    return "No pretrained weights loaded" not in record.getMessage()
+
+
 _registered = False
 
 
@@ -49,7 +57,12 @@ def model_config(name: str) -> dict[str, Any]:
 def create_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> open_clip.CustomTextCLIP:
     """A randomly initialized EVA-CLIP model configured for training (masking, attention, checkpointing)."""
     model_config(cfg.name)  # validates the name with a clear error
-    model = open_clip.create_model(cfg.name, pretrained=None, device=device, force_custom_text=True)
+    root = logging.getLogger()
+    root.addFilter(_no_random_init_notice)  # untrained on purpose: weights come from `evaclip init` or a checkpoint
+    try:
+        model = open_clip.create_model(cfg.name, pretrained=None, device=device, force_custom_text=True)
+    finally:
+        root.removeFilter(_no_random_init_notice)
     set_token_masking(model, cfg.token_masking)
     set_attention_backend(model, cfg.attention)
     model.set_grad_checkpointing(cfg.grad_checkpointing)

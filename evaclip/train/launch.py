@@ -24,7 +24,10 @@ from ..errors import ConfigError, EvaclipError
 from ..model import model_config
 from . import checkpoints
 from .engine import init_checkpoint, run_recipe
-from .worker import stage_output_dir
+
+
+def stage_output_dir(params: Params, stage: str) -> Path:
+    return Path(params.pretrain.output_dir if stage == "pretrain" else params.train.output_dir)
 
 
 def check_runnable(params: Params) -> None:
@@ -131,6 +134,8 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     process_env = dict(os.environ, **(env or {}))
     process_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // params.train.devices)))
+    if not torch.cuda.is_available():  # what DeepSpeed would pick, without its warning in every rank's output
+        process_env.setdefault("DS_ACCELERATOR", "cpu")
     from ..tracking import live
 
     run_env = live.open_run(params, stage, out, _resumed_run_id(params) if stage == "train" else None)

@@ -13,15 +13,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..config import Params, load_params
+from ..config import load_params
 from ..errors import EvaclipError
 from .callbacks import MetricsFile, ProgressBar
+from .launch import stage_output_dir
 
 ERROR_FILE = "error.json"
-
-
-def stage_output_dir(params: Params, stage: str) -> Path:
-    return Path(params.pretrain.output_dir if stage == "pretrain" else params.train.output_dir)
 
 
 def run_worker(run, stage: str, argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
-"""What Prefect + MLflow + DVC add to a pipeline run: the Prefect flow (`evaclip pipeline --force`: an
-ephemeral Prefect API, DVC add + push of the data, MLflow logging, registration and promotion) against the
-same stages called directly as library functions (prepare without DVC, init, train, evaluate; no Prefect,
-no MLflow). Both run as fresh processes, alternately; wall time including interpreter start.
+"""What Prefect + MLflow + DVC add to a pipeline run: the Prefect flow (`evaclip pipeline`: an ephemeral
+Prefect API, each stage through `dvc repro`, MLflow logging, a DVC experiment, registration and promotion)
+against the same stages called directly as library functions (prepare, init, train, evaluate; no Prefect,
+no DVC, no MLflow). Each variant runs in its own fresh clone of this checkout (the flow writes params.yaml
+and dvc.lock there, never here), as fresh processes, alternately; wall time including interpreter start.
 
 The overhead is mostly fixed (Prefect's local API start, MLflow's model logging, DVC's hashing), so its
 fraction shrinks with the run: besides the measured fraction at `--steps`, the JSON has the fraction
@@ -45,9 +46,15 @@ evaluate(params, progress=False)
 """
 
 
-def timed(command: list[str], env: dict) -> float:
+def clone(into: Path) -> Path:
+    subprocess.run(["git", "clone", "-q", str(REPO), str(into)], check=True)
+    (into / ".venv").symlink_to(REPO / ".venv")  # bin/evaclip (the stages' command) finds it
+    return into
+
+
+def timed(command: list[str], env: dict, cwd: Path) -> float:
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{command[:3]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return time.perf_counter() - start
@@ -55,32 +62,29 @@ def timed(command: list[str], env: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--reps", type=int, default=1)
     args = parser.parse_args()
-    demo = load_params(args.params)
+    demo = load_params(REPO / "params.yaml")
 
     times: dict[str, list[float]] = {"flow": [], "direct": []}
     step_s: dict[str, list[float]] = {"flow": [], "direct": []}
     with tempfile.TemporaryDirectory(prefix="evaclip-orch-") as tmp:
         for rep in range(args.reps):
             for variant in ("flow", "direct"):
-                out = Path(tmp) / f"{variant}-{rep}"
-                overrides = [f"train.steps={args.steps}", f"train.warmup_steps={min(demo.train.warmup_steps, args.steps)}",
-                             f"init.output_dir={out / 'init'}", f"train.output_dir={out / 'train'}",
-                             f"eval.output_dir={out / 'eval'}", f"tracking.default_store={out / 'mlflow'}",
-                             "train.resume=false"]
-                env = dict(os.environ, PREFECT_HOME=str(out / "prefect"), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+                out = clone(Path(tmp) / f"{variant}-{rep}")
+                overrides = [f"train.steps={args.steps}", f"train.warmup_steps={min(demo.train.warmup_steps, args.steps)}"]
+                env = dict(os.environ, PREFECT_HOME=str(out / "outputs" / "prefect"),
+                           PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
                 env.pop("MLFLOW_TRACKING_URI", None)
-                (out / "prefect").mkdir(parents=True)
+                (out / "outputs" / "prefect").mkdir(parents=True)
                 if variant == "flow":
-                    command = [str(BIN / "evaclip"), "pipeline", "--force", "-p", args.params]
-                    command += [arg for o in overrides for arg in ("-s", o)]
-                else:
-                    command = [sys.executable, "-c", DIRECT, args.params, *overrides, "data.version=false"]
-                times[variant].append(timed(command, env))
-                rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+                    command = [str(BIN / "evaclip"), "pipeline", *[arg for o in overrides for arg in ("-s", o)]]
+                else:  # the source files where data.dvc would import them from
+                    command = [sys.executable, "-c", DIRECT, "params.yaml", *overrides,
+                               "data.path=/usr/share/datasets/fashion-mnist"]
+                times[variant].append(timed(command, env, out))
+                rows = [json.loads(line) for line in (out / "outputs/train/metrics.jsonl").read_text().splitlines()]
                 rate = statistics.median(r["samples_per_s"] for r in rows[1:] or rows)
                 step_s[variant].append(demo.train.global_batch_size / rate)
     flow, direct = statistics.median(times["flow"]), statistics.median(times["direct"])

@@ -60,8 +60,16 @@ def test_a_deployment_run_on_the_native_stack(project, monkeypatch):
             champion = client.get_model_version_by_alias("evaclip-micro", "champion")
             assert str(champion.version) == "1"
             assert client.get_run(champion.run_id).data.tags["data_version"]  # the DVC version it trained on
-            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-            model = mlflow.pyfunc.load_model("models:/evaclip-micro@champion")
+            # MLflow's process-wide URIs (set by earlier tests' stores) win over the variable: set both, then
+            # give them back, since this server is gone after the test.
+            before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+            mlflow.set_tracking_uri(uri)
+            mlflow.set_registry_uri(uri)
+            try:
+                model = mlflow.pyfunc.load_model("models:/evaclip-micro@champion")
+            finally:
+                mlflow.set_tracking_uri(before[0])
+                mlflow.set_registry_uri(before[1])
             output = model.predict(pd.DataFrame({"image": [""], "text": ["a red square"]}))
             assert len(output.embedding[0]) == 32
         assert any(p.name == "MLmodel" for p in (state / "s3" / "mlflow").rglob("*"))  # artifacts went to S3

@@ -236,6 +236,15 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(micro_
     assert process.returncode != 0 and "was written by a different configuration (train.lr changed)" in output
     assert sorted(p.name for p in out.glob("step_*")) == good
 
+    # dvc.yaml's stage (train.resume: if_same) reruns because something changed: it starts over instead.
+    first_model = (out / "model.safetensors").read_bytes()
+    process = _evaclip_train(_train_overrides(micro_data, out, **{"train.steps": 4, "train.lr": 0.5,
+                                                                    "train.resume": "if_same"}))
+    output = process.communicate(timeout=900)[0]
+    assert process.returncode == 0, output[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and (out / "model.safetensors").read_bytes() != first_model  # trained anew
+
 
 @pytest.mark.parametrize("override, message", [
     ("train.precision=fp16", "train.precision: fp16 needs GPUs"),

@@ -10,14 +10,18 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"  # package data: works from a wheel
+
+
+# A local path or a URL kept as written: pathlib would turn `s3://b/x` into `s3:/b/x`.
+Location = Annotated[str, BeforeValidator(lambda value: str(value) if isinstance(value, Path) else value)]
 
 
 class _Section(BaseModel):
@@ -65,21 +69,27 @@ DEFAULT_CAPTION_TEMPLATES = [
 class MixEntry(_Section):
     """One shard set of a training mixture (EVA-CLIP's train-data list)."""
 
-    path: Path = Field(..., description="a prepared shard set (a folder with manifest.json)")
+    path: Location = Field(..., description="a prepared shard set (a folder with manifest.json), or shards to index "
+                                            "in place: s3://bucket/laion/{000000..199999}.tar, https://..., a folder")
     weight: float = Field(1.0, gt=0, description="relative sampling probability")
+    name: Optional[str] = Field(None, description="what metrics call it (data/share/<name>); default: mix<i>")
 
 
 class DataConfig(_Section):
     source: Literal["fashion_mnist", "image_folder", "pairs", "wds"] = "fashion_mnist"
-    path: Optional[Path] = Field(None, description="the source (dvc.yaml's prepare depends on it); fashion_mnist: "
-                                                   "the Debian package's folder, imported by data.dvc as data/")
+    path: Optional[Location] = Field(None, description="the source; fashion_mnist: the Debian package's folder, "
+                                                       "imported by data.dvc as data/ (what dvc.yaml's prepare watches); "
+                                                       "wds: shards in place, local or s3://, https://, pipe:")
     image_column: str = "image"          # pairs from CSV/Parquet
     caption_column: str = "caption"
     caption_templates: list[str] = Field(default_factory=lambda: list(DEFAULT_CAPTION_TEMPLATES))
     eval_path: Optional[Path] = Field(None, description="a zero-shot evaluation set to version beside the shards")
     output_dir: Path = Path("outputs/data")
     samples_per_shard: int = Field(5000, gt=0)
-    max_skipped_fraction: float = Field(0.01, ge=0, le=1)
+    max_skipped_fraction: float = Field(0.01, ge=0, le=1, description="of samples (prepare) and of shards (training)")
+    dedup_against_eval: bool = Field(False, description="drop training images that duplicate an evaluation image "
+                                                        "(exact or perceptual hash); counted either way")
+    near_duplicate_bits: int = Field(4, ge=0, le=64, description="difference hashes (256 bits) this close are duplicates")
     version: bool = Field(True, description="the pipeline saves each run as a DVC experiment and pushes to the remote")
     remote: Optional[str] = Field(None, description="DVC remote to push to; default: the repository's default")
     seed: int = 0
@@ -89,6 +99,8 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(2000, ge=0)
     workers: int = Field(2, ge=0)
     samples_per_epoch: Optional[int] = Field(None, gt=0, description="default: the shard sets' total")
+    read_retries: int = Field(3, ge=0, description="attempts after a shard fails to open or to read, then it is skipped")
+    retry_delay: float = Field(1.0, ge=0, description="seconds before the first retry, doubled at each next one")
 
     @field_validator("caption_templates")
     @classmethod
@@ -258,7 +270,20 @@ def _apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
             raise ConfigError(f"override {override!r}: {where} in {path} is a value, not a section")
         node = child
     # YAML parsing gives `1e-3` a float, `true` a bool and `[a, b]` a list, as in the file itself.
-    node[parts[-1]] = _parse_value(text)
+    value = _parse_value(text)
+    if any(str(v).lstrip().startswith("pipe:") for v in _leaves(value)):
+        # Overrides arrive from the Prefect form and the command line: a pipe: would run a shell command on
+        # the worker. Such commands come from a params file, which is reviewed and versioned.
+        raise ConfigError(f"override {override!r}: pipe: locations are accepted from a params file only")
+    node[parts[-1]] = value
+
+
+def _leaves(value: Any) -> list:
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
 
 
 def _parse_value(text: str) -> Any:

@@ -62,6 +62,8 @@ def make_project(root: Path, overrides: list[str], remote: Path | None = None, d
     params = load_params(REPO / "params.yaml", overrides)
     (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     (root / ".venv").symlink_to(Path(sys.prefix))  # as `make setup` leaves it: bin/evaclip finds it
+    if not data_dvc:
+        (root / "data").mkdir()  # the source folder dvc.yaml's prepare watches (data.dvc's, in the real project)
     sh(["git", "init", "-q"], root)
     (root / ".git" / "info" / "exclude").write_text(".venv\n")
     sh(["dvc", "init", "-q"], root)

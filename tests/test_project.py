@@ -80,7 +80,7 @@ def test_data_dvc_imports_the_demo_source_so_a_fresh_clone_can_reproduce_it():
     stage = yaml.safe_load((REPO / "data.dvc").read_text())
     assert stage["deps"][0]["path"] == "/usr/share/datasets/fashion-mnist" and stage["outs"][0]["path"] == "data"
     assert not stage.get("frozen")  # `dvc repro` imports it again when data/ is missing
-    assert load_params(REPO / "params.yaml").data.path == Path("data")
+    assert load_params(REPO / "params.yaml").data.path == "data"
 
 
 def _project(tmp_path: Path) -> Path:

@@ -3,38 +3,54 @@
 Layout of `data.output_dir` (a DVC-cached output of that stage):
     train/             shard-*.tar, manifest.json, quality.json   (image, caption, class)
     eval/<name>/       shard-*.tar, manifest.json, classnames.txt, zeroshot_classification_templates.txt
-existing webdataset shards (`data.source: wds`) are used in place: train/ then holds only their manifest.
+    mix/<name>/        manifest.json, quality.json of a data.mix entry used in place
+    dedup.json         training images that duplicate evaluation images, per set (exact, near)
+Existing webdataset shards (`data.source: wds`, local or remote) are used in place: train/ then holds only
+their manifest (evaclip.data.index), which DVC versions instead of the bytes.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from ..config import Params
-from ..errors import ConfigError, EvaclipError
-from .evalsets import openai_templates
-from .shards import QUALITY, build_manifest, write_shard_set
-from .sources import SOURCES, check_tar
+from ..errors import ConfigError
+from . import storage
+from .dedup import EvalIndex, image_hashes
+from .evalsets import load_eval_set, openai_templates
+from .index import index_shards
+from .loader import mix_folder
+from .shards import write_shard_set
+from .sources import SOURCES, Item, Sample
+
+DEDUP_REPORT = "dedup.json"
 
 
 @dataclass
 class PrepareResult:
     train_dir: Path
-    manifest: dict
+    manifest: Optional[dict]  # None: data.mix alone is the training data
     eval_dirs: list[Path]
 
 
 def prepare(params: Params) -> PrepareResult:
     cfg = params.data
     out = Path(cfg.output_dir)
+    evals = EvalIndex(cfg.near_duplicate_bits)
+    eval_dirs: list[Path] = []
+    manifest = None
     if cfg.source == "wds":
-        manifest = index_existing_shards(cfg.path, out / "train", cfg.max_skipped_fraction)
-        eval_dirs: list[Path] = []
+        if cfg.path is None and not cfg.mix:
+            raise ConfigError("data.path: required for data.source wds (webdataset shards: a folder, s3://..., https://...)")
+        _add_eval_sets(evals, params)
+        if cfg.path is not None:  # else the mixture's entries are the training data
+            manifest = index_shards(cfg.path, out / "train", cfg.max_skipped_fraction, evals, cfg.dedup_against_eval)
     else:
         source = SOURCES[cfg.source](
             path=cfg.path, templates=cfg.caption_templates, seed=cfg.seed,
@@ -43,15 +59,11 @@ def prepare(params: Params) -> PrepareResult:
         described = {"source": {"type": cfg.source, "path": str(cfg.path) if cfg.path else None}}
         if source.classnames:
             described["classnames"] = source.classnames
-        manifest = write_shard_set(
-            source.samples, out / "train", cfg.samples_per_shard, cfg.max_skipped_fraction, extra_manifest=described,
-        )
-        eval_dirs = []
-        if source.eval_samples is not None:
+        if source.eval_samples is not None:  # first: its images are what training images are checked against
             eval_dir = out / "eval" / cfg.source
             write_shard_set(
-                source.eval_samples, eval_dir, cfg.samples_per_shard, cfg.max_skipped_fraction,
-                needs_caption=False,
+                _hashed(source.eval_samples, evals, cfg.source), eval_dir, cfg.samples_per_shard,
+                cfg.max_skipped_fraction, needs_caption=False,
                 extra_manifest=dict(described, split="test"),
                 extra_files={
                     "classnames.txt": "\n".join(source.classnames or []) + "\n",
@@ -59,38 +71,61 @@ def prepare(params: Params) -> PrepareResult:
                 },
             )
             eval_dirs.append(eval_dir)
+        _add_eval_sets(evals, params)
+        manifest = write_shard_set(
+            _deduplicated(source.samples, evals, cfg.dedup_against_eval), out / "train", cfg.samples_per_shard,
+            cfg.max_skipped_fraction, extra_manifest=described,
+        )
+    shutil.rmtree(out / "mix", ignore_errors=True)  # no manifest of an earlier mixture stays behind
+    for index, entry in enumerate(cfg.mix):  # shards used in place: indexed, never copied
+        folder = mix_folder(cfg, index)
+        if folder != Path(entry.path):
+            index_shards(entry.path, folder, cfg.max_skipped_fraction, evals, cfg.dedup_against_eval)
+    (out / DEDUP_REPORT).write_text(json.dumps(evals.report(), indent=2) + "\n")
     return PrepareResult(out / "train", manifest, eval_dirs)
 
 
-def index_existing_shards(path: Optional[Path], out_dir: Path, max_skipped_fraction: float) -> dict:
-    """img2dataset shards used in place: a manifest of absolute paths; truncated tars are skipped."""
-    if path is None or not Path(path).is_dir():
-        raise ConfigError(f"data.path: {path} is not a folder of webdataset shards (.tar)")
-    shards = sorted(Path(path).resolve().rglob("*.tar"))
-    if not shards:
-        raise ConfigError(f"data.path: no .tar shards in {path}")
-    good, bad = [], {}
-    for shard in shards:
-        _, error = check_tar(shard)
-        if error:
-            bad[str(shard)] = error
-        else:
-            good.append(shard)
-    fraction = len(bad) / len(shards)
-    quality = {"seen_shards": len(shards), "skipped": {"truncated_tar": len(bad)} if bad else {},
-               "skipped_fraction": round(fraction, 6), "max_skipped_fraction": max_skipped_fraction,
-               "examples": {"truncated_tar": list(bad.items())[:10]} if bad else {}}
-    if fraction > max_skipped_fraction or not good:
-        raise EvaclipError(f"{path}: {len(bad)} of {len(shards)} shards unreadable: {json.dumps(quality['examples'])}")
-    manifest = build_manifest(good, {"source": {"type": "wds", "path": str(Path(path).resolve())}})
-    for entry, shard in zip(manifest["shards"], good, strict=True):
-        entry["name"] = str(shard)  # absolute: the shards stay where they are
-    # Replace the folder whole: no stale shards of an earlier source stay beside the new manifest.
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    (tmp / QUALITY).write_text(json.dumps(quality, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return manifest
+def remote_sources(params: Params) -> list[str]:
+    """The shard locations `prepare` indexes in place on object storage or the web (DVC cannot watch them)."""
+    cfg = params.data
+    places = ([cfg.path] if cfg.source == "wds" and cfg.path else []) + [m.path for m in cfg.mix]
+    return [p for p in places if storage.is_remote(p)]
+
+
+def _hashed(items: Iterator[Item], evals: EvalIndex, name: str) -> Iterator[Item]:
+    for item in items:
+        if isinstance(item, Sample):
+            try:
+                evals.add(name, item.image)
+            except Exception:  # noqa: BLE001 - an undecodable image is reported by the shard writer
+                pass
+        yield item
+
+
+def _deduplicated(items: Iterator[Item], evals: EvalIndex, drop: bool, block: int = 512) -> Iterator[Item]:
+    """`items`, each training image checked against the evaluation images (in blocks: one vectorised search)."""
+    for chunk in iter(lambda: list(itertools.islice(items, block)), []):
+        hashes, checked = [], []
+        for item in chunk:
+            try:
+                hashes.append(image_hashes(item.image))
+                checked.append(item)
+            except Exception:  # noqa: BLE001 - a Skip, or an undecodable image: the shard writer counts it
+                pass
+        duplicates = {id(item) for item, dup in zip(checked, evals.check_many(hashes), strict=True) if dup}
+        for item in chunk:
+            if drop and id(item) in duplicates:
+                evals.dropped += 1
+                continue
+            yield item
+
+
+def _add_eval_sets(evals: EvalIndex, params: Params) -> None:
+    """The configured evaluation sets that exist now, except those this stage writes itself."""
+    written = Path(params.data.output_dir).resolve()
+    for path in params.eval.sets:
+        root = Path(path).resolve()
+        if root.is_relative_to(written) or not root.exists():
+            continue
+        for image, _ in load_eval_set(root).samples():
+            evals.add(root.name, image)

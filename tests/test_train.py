@@ -250,7 +250,7 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(micro_
     ("train.precision=fp16", "train.precision: fp16 needs GPUs"),
     ("train.warmup_steps=500", r"train.warmup_steps: 500 exceeds train.steps \(300\)"),
     ("train.init_checkpoint=/nowhere/model.safetensors", "train.init_checkpoint: /nowhere/model.safetensors not found"),
-    ("data.output_dir=/nowhere", r"data: no prepared shards in /nowhere \(run `evaclip prepare`"),
+    ("data.output_dir=/nowhere", r"data: no prepared shards in /nowhere/train \(run `evaclip prepare`"),
     ("data.samples_per_epoch=100", "data.samples_per_epoch: 100 is smaller than one global batch"),
 ])
 def test_a_config_that_cannot_run_fails_before_launch(micro_data, override, message):

@@ -5,10 +5,19 @@ shards are shuffled, split by rank and by worker (or, in `resampled` mode, drawn
 read with webdataset's tar reader, mixed across shard sets by weight, shuffled in a buffer, decoded,
 transformed with open_clip's training transforms, tokenized, and batched inside the worker.
 
+Shards are local files or remote objects (`storage`: s3://, https://, pipe:). A shard that cannot be opened,
+or fails part-way, is retried with backoff (`data.read_retries`, `data.retry_delay`), continuing after the
+samples it already gave; then it is skipped, reported with the batches (`DataReport`), and more skipped
+shards than `data.max_skipped_fraction` of a rank's share fail the run naming them.
+
 An epoch is a fixed number of samples, and every worker yields exactly its share of batches, so
-ranks never starve (a rank whose shards run out goes round them again, reshuffled). Resuming from a
-number of samples seen replays and discards the batches already consumed, so the batches after it
-are exactly those an uninterrupted run would see.
+ranks never starve (a rank whose shards run out, or are skipped, goes round them again, reshuffled).
+
+A sample's augmentation is a function of (seed, epoch, rank, stream, position in the stream), not of a
+running RNG, so a resume reads past the samples already consumed without decoding them: it needs each
+stream's position (`DataReport.positions`, saved with checkpoints). Given only a number of samples seen,
+it replays and discards the batches instead. Either way the batches after it are exactly those an
+uninterrupted run would see.
 
 webdataset's own `WebDataset`/`RandomMix`/`split_by_node` draw from global RNGs and
 `torch.distributed`; this module composes its tar reader with explicit RNGs instead.
@@ -16,13 +25,17 @@ webdataset's own `WebDataset`/`RandomMix`/`split_by_node` draw from global RNGs 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import logging
 import random
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import webdataset as wds
@@ -31,7 +44,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig
 from ..errors import ConfigError
-from .shards import read_manifest, shard_path
+from . import storage
+from .shards import MANIFEST, read_manifest
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -40,42 +54,113 @@ MAX_CONSECUTIVE_FAILURES = 1000
 
 @dataclass
 class ShardSet:
+    name: str
     urls: list[str]
     samples: int
     weight: float = 1.0
+    exclude: dict[str, frozenset] = field(default_factory=dict)  # url -> keys left out (duplicates of eval images)
 
 
-def load_shard_set(path: Path, weight: float = 1.0) -> ShardSet:
+def load_shard_set(path: Path, weight: float = 1.0, name: str = "train") -> ShardSet:
     manifest = read_manifest(path)  # the dataset size comes from the manifest, never from a scan
-    urls = [str(shard_path(path, entry["name"])) for entry in manifest["shards"]]
-    missing = [u for u in urls if not Path(u).is_file()]
+    urls = [_shard_url(path, entry["name"]) for entry in manifest["shards"]]
+    missing = [u for u in urls if not storage.is_remote(u) and not Path(u).is_file()]
     if missing:
         raise ConfigError(f"{path}: {len(missing)} shard(s) of the manifest are missing, e.g. {missing[0]} (dvc pull?)")
-    return ShardSet(urls, manifest["total"], weight)
+    exclude = {url: frozenset(e["exclude"]) for url, e in zip(urls, manifest["shards"], strict=True) if e.get("exclude")}
+    return ShardSet(name, urls, manifest["total"], weight, exclude)
 
 
-def _mixture(cfg: DataConfig) -> list[tuple[Path, float]]:
-    """(folder, weight) of every training shard set: `data.mix`, or the prepared `output_dir/train`."""
-    return [(Path(m.path), m.weight) for m in cfg.mix] or [(Path(cfg.output_dir) / "train", 1.0)]
+def mix_folder(cfg: DataConfig, index: int) -> Path:
+    """Where a `data.mix` entry's manifest is: the entry itself if it is a prepared folder, else the one
+    `prepare` wrote for shards used in place."""
+    entry = cfg.mix[index]
+    if not storage.is_remote(entry.path) and (Path(entry.path) / MANIFEST).is_file():
+        return Path(entry.path)
+    return Path(cfg.output_dir) / "mix" / (entry.name or f"mix{index}")
+
+
+def _mixture(cfg: DataConfig) -> list[tuple[str, Path, float]]:
+    """(name, folder, weight) of every training shard set: `data.mix`, or the prepared `output_dir/train`."""
+    if not cfg.mix:
+        return [("train", Path(cfg.output_dir) / "train", 1.0)]
+    return [(m.name or f"mix{i}", mix_folder(cfg, i), m.weight) for i, m in enumerate(cfg.mix)]
+
+
+def training_manifests(cfg: DataConfig) -> list[Path]:
+    """The manifest file of every training shard set (prepare writes those of shards used in place)."""
+    return [path / MANIFEST for _, path, _ in _mixture(cfg)]
 
 
 def shard_sets_manifests(cfg: DataConfig) -> list[list[str]]:
-    """The shard checksums of every shard set: what identifies the training data."""
+    """Each shard's identity (its SHA-256, else its ETag), per shard set: what identifies the training data."""
     out = []
-    for path, _ in _mixture(cfg):
+    for _, path, _ in _mixture(cfg):
         try:
-            out.append([s["sha256"] for s in read_manifest(Path(path))["shards"]])
+            shards = read_manifest(Path(path))["shards"]
         except Exception:  # noqa: BLE001 - no manifest yet: check_runnable reports it
-            out.append([])
+            shards = []
+        out.append([(s.get("sha256") or s.get("etag") or s["name"]) + _excluded_digest(s) for s in shards])
     return out
 
 
+def _excluded_digest(entry: dict) -> str:
+    keys = entry.get("exclude")
+    return "-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16] if keys else ""
+
+
+def data_manifest_version(cfg: DataConfig) -> str:
+    """One digest of the training shards' identities: a changed shard (a new ETag) is a new version."""
+    import json
+
+    return hashlib.sha256(json.dumps(shard_sets_manifests(cfg)).encode()).hexdigest()
+
+
 def shard_sets(cfg: DataConfig) -> list[ShardSet]:
-    return [load_shard_set(path, weight) for path, weight in _mixture(cfg)]
+    return [load_shard_set(path, weight, name) for name, path, weight in _mixture(cfg)]
+
+
+class ShardError(Exception):
+    """A shard that failed every attempt to read it."""
+
+
+def read_shard(url: str, retries: int = 3, delay: float = 1.0) -> Iterator[dict]:
+    """The samples of one shard; an attempt that fails (to open, or part-way) is retried after `delay`,
+    doubled each time, and goes on after the samples already given. Raises ShardError when all fail."""
+    given = 0
+    for attempt in itertools.count():
+        try:
+            with storage.open_shard(url) as stream:
+                files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
+                for index, sample in enumerate(wds.tariterators.group_by_keys(files)):
+                    if index >= given:
+                        given += 1
+                        yield sample
+            return
+        except Exception as err:  # noqa: BLE001 - network errors, missing objects and truncated tars alike
+            if attempt >= retries:
+                raise ShardError(f"{type(err).__name__}: {err}") from err
+            log.warning("shard %s failed (%s: %s); retry %d of %d", url, type(err).__name__, err, attempt + 1, retries)
+            time.sleep(delay * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class DataReport:
+    """What one rank's batches reported: each stream's position (for a resume), the shards skipped, and how
+    many samples each shard set gave."""
+
+    positions: dict[int, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    seen: Counter = field(default_factory=Counter)
+
+    def shares(self) -> dict[str, float]:
+        total = sum(self.seen.values())
+        return {name: count / total for name, count in sorted(self.seen.items())} if total else {}
 
 
 class ImageTextStream(IterableDataset):
-    """Batches of (images, tokens) for one rank; see the module docstring."""
+    """Batches of (images, tokens, batch report) for one rank; see the module docstring."""
 
     def __init__(
         self,
@@ -92,65 +177,84 @@ class ImageTextStream(IterableDataset):
         shuffle_buffer: int = 2000,
         epoch: int = 0,
         skip_batches: int = 0,
+        positions: Optional[dict[int, int]] = None,
+        retries: int = 3,
+        retry_delay: float = 1.0,
     ):
         self.sets, self.transform, self.tokenizer = list(sets), transform, tokenizer
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
-        self.epoch, self.skip_batches = epoch, skip_batches
+        self.epoch, self.skip_batches, self.positions = epoch, skip_batches, positions or {}
+        self.retries, self.retry_delay = retries, retry_delay
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
         info = get_worker_info()
         workers = info.num_workers if info else 1
         # A DataLoader takes batch j from worker j % workers. After a resume at global batch `skip`,
         # batch skip + j must be what the uninterrupted run made there, i.e. stream (skip + j) % workers.
-        worker = ((info.id if info else 0) + self.skip_batches) % workers
-        stream_seed = f"{self.seed}:{self.epoch}:{self.rank}:{worker}"
-        rng = random.Random(stream_seed)
-        augment_rng = torch.Generator().manual_seed(rng.getrandbits(63)).get_state()
-        streams = [self._samples(s, i, worker, workers) for i, s in enumerate(self.sets)]
-        samples = _shuffle(_mix(streams, [s.weight for s in self.sets], rng), self.shuffle_buffer, rng)
-        decoded = self._decoded(samples, augment_rng)
-        n_batches = _share(self.batches_per_epoch, worker, workers)
-        skip = _share(self.skip_batches, worker, workers)
-        for index in range(n_batches):
+        stream = ((info.id if info else 0) + self.skip_batches) % workers
+        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{stream}")
+        skipped: dict[str, str] = {}
+        streams = [self._samples(s, i, stream, workers, skipped) for i, s in enumerate(self.sets)]
+        raw = _shuffle(_mix(streams, [s.weight for s in self.sets], rng), self.shuffle_buffer, rng)
+        n_batches = _share(self.batches_per_epoch, stream, workers)
+        skip = _share(self.skip_batches, stream, workers)
+        position, first = 0, 0
+        if skip and stream in self.positions:  # read past what was consumed, decoding nothing
+            position, first = self.positions[stream], skip
+            for _ in range(position):
+                next(raw)
+        decoded = self._decoded(raw, stream, position)
+        for index in range(first, n_batches):
             batch = _take(decoded, self.batch_size)
             if index >= skip:  # batches before `skip` were consumed before a resume: replay, discard
-                yield torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+                report = {"stream": stream, "position": batch[-1][3], "skipped": dict(skipped),
+                          "sets": Counter(self.sets[b[2]].name for b in batch)}
+                skipped.clear()
+                yield torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch]), report
 
-    def _samples(self, shard_set: ShardSet, set_index: int, worker: int, workers: int) -> Iterator[dict]:
-        """Raw samples of one shard set for this (rank, worker), endlessly."""
+    def _samples(self, shard_set: ShardSet, set_index: int, worker: int, workers: int,
+                 skipped: dict[str, str]) -> Iterator[dict]:
+        """Raw samples of one shard set for this (rank, worker), endlessly; failed shards go into `skipped`."""
         own_rng = random.Random(f"{self.seed}:{self.epoch}:{set_index}:{self.rank}:{worker}")
         slot, slots = self.rank * workers + worker, self.world_size * workers
+        dead: set[str] = set()  # skipped once this epoch: not retried on every later pass
         for pass_index in itertools.count():
             if self.resampled:
                 urls = [own_rng.choice(shard_set.urls) for _ in range(len(shard_set.urls))]
             else:
                 urls = shards_for_slot(shard_set.urls, f"{self.seed}:{self.epoch}:{set_index}:{pass_index}", slot, slots)
             count = 0
-            for sample in wds.tariterators.tarfile_samples([{"url": u} for u in urls], handler=wds.warn_and_continue):
-                count += 1
-                yield sample
+            for url in urls:
+                if url in dead:
+                    continue
+                excluded = shard_set.exclude.get(url, frozenset())
+                try:
+                    for sample in read_shard(url, self.retries, self.retry_delay):
+                        if sample["__key__"].removeprefix("./") in excluded:
+                            continue
+                        sample["__set__"] = set_index
+                        count += 1
+                        yield sample
+                except ShardError as err:
+                    log.warning("skipping shard %s: %s", url, err)
+                    dead.add(url)
+                    skipped[url] = str(err)
             if count == 0:
-                raise ConfigError(f"data: shards {urls[:3]}... yielded no samples (all unreadable?)")
+                raise ConfigError(f"data: shards {urls[:3]}... yielded no samples (all unreadable?): "
+                                  f"{dict(list(skipped.items())[:3])}")
 
-    def _decoded(self, samples: Iterator[dict], rng_state: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _decoded(self, samples: Iterator[dict], stream: int, start: int) -> Iterator[tuple]:
+        """(pixels, tokens, shard set, position after it) of each decodable sample."""
         failures = 0
-        for sample in samples:
+        for position, sample in enumerate(samples, start=start + 1):
             key = next((k for k in IMAGE_KEYS if k in sample), None)
             try:
                 if key is None or "txt" not in sample:
                     raise ValueError("no image or no caption")
                 with Image.open(io.BytesIO(sample[key])) as image:
-                    # torchvision draws from the global RNG: swap in this stream's own state, so the
-                    # augmentations depend on the stream alone, not on the trainer's use of the RNG.
-                    outer = torch.get_rng_state()
-                    torch.set_rng_state(rng_state)
-                    try:
-                        pixels = self.transform(image.convert("RGB"))
-                    finally:
-                        rng_state = torch.get_rng_state()
-                        torch.set_rng_state(outer)
+                    pixels = self._augmented(image.convert("RGB"), f"{stream}:{position}")
                 tokens = self.tokenizer([sample["txt"].decode("utf-8")])[0]
             except Exception as err:  # a bad sample in shards used in place: skip it, say so
                 failures += 1
@@ -160,7 +264,47 @@ class ImageTextStream(IterableDataset):
                                       f"{sample.get('__key__')} of {sample.get('__url__')}: {err}") from err
                 continue
             failures = 0
-            yield pixels, tokens
+            yield pixels, tokens, sample["__set__"], position
+
+    def _augmented(self, image: Image.Image, where: str) -> torch.Tensor:
+        """The transform with a generator seeded by the sample's place: torchvision draws from the global
+        RNG, so swap in this sample's own state and give the trainer's back."""
+        digest = hashlib.blake2b(f"{self.seed}:{self.epoch}:{self.rank}:{where}".encode(), digest_size=8).digest()
+        outer = torch.get_rng_state()
+        torch.default_generator.manual_seed(int.from_bytes(digest, "little") >> 1)
+        try:
+            return self.transform(image)
+        finally:
+            torch.set_rng_state(outer)
+
+
+class TrainLoader:
+    """A rank's DataLoader yielding (images, tokens), and the `DataReport` its batches fill in.
+
+    More skipped shards of a set than `max_skipped_fraction` of this rank's share of it fail the run."""
+
+    def __init__(self, loader: DataLoader, sets: Sequence[ShardSet], report: DataReport,
+                 max_skipped_fraction: float, share: float):
+        self.loader, self.report = loader, report
+        self.limits = {s.name: max_skipped_fraction * len(s.urls) * share for s in sets}
+        self.set_of = {url: s.name for s in sets for url in s.urls}
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, tokens, batch in self.loader:
+            self.report.positions[batch["stream"]] = batch["position"]
+            self.report.seen.update(batch["sets"])
+            if batch["skipped"]:
+                self.report.skipped.update(batch["skipped"])
+                self._check()
+            yield images, tokens
+
+    def _check(self) -> None:
+        for name, limit in self.limits.items():
+            failed = sorted(u for u in self.report.skipped if self.set_of.get(u) == name)
+            if len(failed) > limit:
+                raise ConfigError(
+                    f"data: {len(failed)} shard(s) of {name} could not be read (more than data.max_skipped_fraction "
+                    f"of this rank's share): {', '.join(failed[:10])}; last error: {self.report.skipped[failed[-1]]}")
 
 
 def make_train_loader(
@@ -174,10 +318,12 @@ def make_train_loader(
     seed: int = 0,
     epoch: int = 0,
     samples_seen: int = 0,
-) -> tuple[DataLoader, int]:
+    report: Optional[DataReport] = None,
+) -> tuple[TrainLoader, int]:
     """The loader of one rank for one epoch, and its number of batches.
 
-    `samples_seen` (global, within the epoch) resumes mid-epoch.
+    `samples_seen` (global, within the epoch) resumes mid-epoch; `report.positions`, as saved with that
+    checkpoint, lets the resume read past the consumed samples without decoding them.
     """
     sets = shard_sets(cfg)
     workers = cfg.workers
@@ -194,16 +340,20 @@ def make_train_loader(
     batches = samples_per_epoch // global_batch
     if batches == 0:
         raise ConfigError(f"data: an epoch of {samples_per_epoch} samples holds no global batch of {global_batch}")
+    report = report if report is not None else DataReport()
     stream = ImageTextStream(
         sets, transform, tokenizer, batch_size, batches, rank=rank, world_size=world_size, seed=seed,
         resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, epoch=epoch,
-        skip_batches=samples_seen // global_batch,
+        skip_batches=samples_seen // global_batch, positions=dict(report.positions) if samples_seen else None,
+        retries=cfg.read_retries, retry_delay=cfg.retry_delay,
     )
+    report.positions = {}
     # A private generator: creating the loader must not draw from the trainer's global RNG, or a
     # resumed run (which creates its loader at another step) would mask tokens differently.
     loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                         prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(seed))
-    return loader, batches - samples_seen // global_batch
+    share = 1.0 if cfg.resampled else 1.0 / world_size
+    return TrainLoader(loader, sets, report, cfg.max_skipped_fraction, share), batches - samples_seen // global_batch
 
 
 def shards_for_slot(urls: Sequence[str], pass_seed: str, slot: int, slots: int) -> list[str]:
@@ -239,6 +389,11 @@ def _shuffle(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> I
         index = rng.randrange(buffer_size)
         buffer[index], sample = sample, buffer[index]
         yield sample
+
+
+def _shard_url(folder: Path, name: str) -> str:
+    """A manifest entry's shard: a URL or absolute path as written, else a file beside the manifest."""
+    return name if storage.is_remote(name) or Path(name).is_absolute() else str(Path(folder) / name)
 
 
 def _take(samples: Iterator, n: int) -> list:

@@ -48,8 +48,9 @@ def remove_all(root: Path) -> None:
     (Path(root) / LATEST).unlink(missing_ok=True)
 
 
-def save(engine, root: Path, state: dict, keep: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+def save(engine, root: Path, state: dict, keep: int, rank_state: Optional[dict] = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder. `rank_state`: this rank's own
+    JSON-able state (its data streams' positions), read back by `load_rank_state`."""
     root = Path(root)
     rank = dist.get_rank()
     tag = _tag(state["step"])
@@ -60,6 +61,8 @@ def save(engine, root: Path, state: dict, keep: int) -> Path:
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"trainer_state": state}, save_latest=False)
     torch.save(_rng_state(), root / tmp_tag / f"rng_rank{rank}.pt")
+    if rank_state is not None:
+        (root / tmp_tag / f"rank{rank}_state.json").write_text(json.dumps(rank_state) + "\n")
     if rank == 0:
         (root / tmp_tag / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
     dist.barrier()
@@ -87,6 +90,12 @@ def load(engine, path: Path) -> dict:
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))
     return client_state["trainer_state"]
+
+
+def load_rank_state(path: Path) -> dict:
+    """What `save` wrote as this rank's `rank_state` ({} for checkpoints without one)."""
+    file = Path(path) / f"rank{dist.get_rank()}_state.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
 
 
 def _rng_state() -> dict:

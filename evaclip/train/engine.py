@@ -6,7 +6,6 @@ Started once per process by a launcher (`torchrun` or `deepspeed`, see `launch.p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -20,6 +19,7 @@ import torch.distributed as dist
 from ..checkpoint import load_model_weights, write_state_dict
 from ..config import Params
 from ..data import make_train_loader
+from ..data.loader import DataReport
 from ..errors import EvaclipError
 from ..model import create_model, create_transforms, get_tokenizer, set_token_masking
 from ..optim import Lamb, create_optimizer, lr_multiplier
@@ -27,6 +27,7 @@ from . import checkpoints
 from .callbacks import Callback
 from .ds_config import clip_gradients, deepspeed_config
 
+DATA_REPORT = "data_report.json"  # shards skipped on every rank, and rank 0's share of each shard set
 MAX_LOGIT_SCALE = 100.0  # open_clip clamps the learned temperature at ln(100)
 
 
@@ -78,9 +79,13 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
     state = {"step": 0, "samples_seen": 0, "epoch": 0, "samples_in_epoch": 0, "recipe": recipe,
              "mlflow_run_id": os.environ.get("EVACLIP_MLFLOW_RUN_ID")}  # a resume continues that run
     latest = checkpoints.latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    data_report = DataReport()
     if latest is not None:
         _check_same_recipe(checkpoints.trainer_state(latest).get("recipe", {}), recipe, latest)
         state = checkpoints.load(engine, latest)  # restores this rank's RNG states too
+        saved = checkpoints.load_rank_state(latest).get("data", {})
+        if saved.get("workers") == params.data.workers:  # where each stream stands: read past, not decoded again
+            data_report.positions = {int(k): v for k, v in saved.get("positions", {}).items()}
     else:
         torch.manual_seed(cfg.seed * 1000 + rank)  # token masking differs per rank
     loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, cache_labels=True,
@@ -100,7 +105,7 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
     while state["step"] < cfg.steps:
         loader, _ = make_train_loader(
             params.data, train_transform, tokenizer, cfg.batch_size, rank=rank, world_size=world,
-            seed=cfg.seed, epoch=state["epoch"], samples_seen=state["samples_in_epoch"],
+            seed=cfg.seed, epoch=state["epoch"], samples_seen=state["samples_in_epoch"], report=data_report,
         )
         tick = time.perf_counter()
         for images, texts in loader:
@@ -141,10 +146,12 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
                 elapsed, tick = time.perf_counter() - tick, time.perf_counter()
                 steps_done, last_logged = state["step"] - last_logged, state["step"]
                 metrics = _metrics(loss_value, engine, logit_scale, cfg, elapsed, masking, steps_done)
+                metrics.update(_data_metrics(data_report))
                 for callback in callbacks:
                     callback.on_step(state["step"], metrics)
             if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
-                path = checkpoints.save(engine, cfg.output_dir, dict(state), cfg.keep_checkpoints)
+                rank_state = {"data": {"workers": params.data.workers, "positions": data_report.positions}}
+                path = checkpoints.save(engine, cfg.output_dir, dict(state), cfg.keep_checkpoints, rank_state)
                 for callback in callbacks:
                     callback.on_checkpoint(state["step"], path)
             if state["step"] >= cfg.steps:
@@ -156,22 +163,31 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
     model_path = Path(cfg.output_dir) / "model.safetensors"
     if rank == 0:  # under ZeRO-1/2 every rank holds the full (all-gathered) weights
         write_state_dict(engine.module.state_dict(), model_path, metadata={"model": params.model.name})
+    skipped = [None] * world
+    dist.all_gather_object(skipped, data_report.skipped)  # once per run: every rank's skipped shards
+    data_quality = {"skipped_shards": {url: err for part in skipped for url, err in part.items()},
+                    "shares_rank0": data_report.shares()}
+    if rank == 0:
+        (Path(cfg.output_dir) / DATA_REPORT).write_text(json.dumps(data_quality, indent=2) + "\n")
     dist.barrier()
     result = TrainResult(model_path, state["step"], state["samples_seen"], loss_value)
     for callback in callbacks:
-        callback.on_train_end({"model_path": str(model_path), "steps": state["step"], "final_loss": loss_value})
+        callback.on_train_end({"model_path": str(model_path), "steps": state["step"], "final_loss": loss_value,
+                               "data_quality": data_quality})
     return result
 
 
 # Settings that may change between a run and its resume; everything else must match.
 _RESUMABLE = {"train.resume", "train.output_dir", "train.log_every", "train.checkpoint_every",
-              "train.keep_checkpoints", "train.launcher", "train.max_nonfinite_steps", "data.workers"}
+              "train.keep_checkpoints", "train.launcher", "train.max_nonfinite_steps", "data.workers",
+              "data.read_retries", "data.retry_delay", "data.near_duplicate_bits", "data.dedup_against_eval"}
+# (what deduplication changed is in data.shards: the manifests' exclusion lists are part of it)
 
 
 def run_recipe(params: Params, init_checkpoint: Path | None = None) -> dict[str, str]:
     """What defines a training run, flattened: a resume must continue the same recipe, on the same data
     (the shard checksums of the manifests) from the same initial weights (their SHA-256)."""
-    from ..data.loader import shard_sets_manifests
+    from ..data.loader import data_manifest_version
     from ..data.shards import sha256
 
     flat: dict[str, str] = {}
@@ -180,7 +196,7 @@ def run_recipe(params: Params, init_checkpoint: Path | None = None) -> dict[str,
             name = f"{section}.{key}"
             if name not in _RESUMABLE:
                 flat[name] = str(value)
-    flat["data.shards"] = hashlib.sha256(json.dumps(shard_sets_manifests(params.data)).encode()).hexdigest()
+    flat["data.shards"] = data_manifest_version(params.data)
     flat["init.weights"] = sha256(Path(init_checkpoint)) if init_checkpoint else "random"
     return flat
 
@@ -218,6 +234,12 @@ def _finite_everywhere(loss: torch.Tensor, device) -> bool:
     flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=device)  # NCCL needs it on the GPU
     dist.all_reduce(flag)
     return flag.item() == 0
+
+
+def _data_metrics(report: DataReport) -> dict[str, float]:
+    """This rank's (rank 0's) view of the data: shards skipped so far, and each shard set's share of samples."""
+    return {"data/skipped_shards": float(len(report.skipped)),
+            **{f"data/share/{name}": share for name, share in report.shares().items()}}
 
 
 def _metrics(loss, engine, logit_scale, cfg, elapsed, masking, steps_done) -> dict[str, float]:

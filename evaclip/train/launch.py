@@ -52,10 +52,9 @@ def check_runnable(params: Params) -> None:
     start = init_checkpoint(params)
     if start is not None and not Path(start).is_file():
         raise ConfigError(f"train.init_checkpoint: {start} not found (run `evaclip init`)")
-    if params.data.mix:
-        missing = [str(m.path) for m in params.data.mix if not (Path(m.path) / "manifest.json").is_file()]
-    else:
-        missing = [] if (Path(params.data.output_dir) / "train" / "manifest.json").is_file() else [str(params.data.output_dir)]
+    from ..data.loader import training_manifests
+
+    missing = [str(path.parent) for path in training_manifests(params.data) if not path.is_file()]
     if missing:
         raise ConfigError(f"data: no prepared shards in {', '.join(missing)} (run `evaclip prepare` or `dvc pull`)")
     if params.eval.every_n_steps and not Path(params.eval.sets[0]).is_dir():

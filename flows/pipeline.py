@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from evaclip import project
 from evaclip.config import Params, load_params, profile_path
+from evaclip.data.prepare import remote_sources
 from evaclip.tracking import RECORD, Decision, TrackingRecord, champion_uri, register_and_promote
 from evaclip.tracking.live import PARENT_RUN_ENV, run_id_of
 from evaclip.tracking.runs import flatten
@@ -157,7 +158,9 @@ def pipeline(parameters: PipelineParameters = PipelineParameters()) -> dict:
         stages = {}
         try:
             for stage, target in project.stages(root).items():
-                stages[stage] = run_stage.with_options(name=stage)(root, target, parameters.force, parent)
+                # Remote shards: prepare lists them again (their ETags) on every run; DVC cannot watch them.
+                force = parameters.force or (stage == "prepare" and bool(remote_sources(params)))
+                stages[stage] = run_stage.with_options(name=stage)(root, target, force, parent)
         except BaseException:
             tag_runs(params, [parent], {}, status="FAILED")
             raise

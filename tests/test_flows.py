@@ -7,6 +7,7 @@ so DVC, Prefect and MLflow must agree about every run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +16,9 @@ import sys
 import mlflow
 import pytest
 import yaml
+
+from evaclip.config import load_params
+from evaclip.data.loader import data_manifest_version
 
 from .conftest import REPO, make_project, sh
 from .test_data import png, red_blue_pairs
@@ -90,6 +94,12 @@ def test_the_flow_runs_dvc_stages_so_dvc_has_nothing_left_to_do(first_run):
     assert train_run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
     assert train_run.data.tags["dvc.experiment_rev"] == summary["dvc"]["dvc.experiment_rev"]
     assert [m.step for m in client.get_metric_history(train_run.info.run_id, "loss")] == [2, 4, 6]
+    with contextlib.chdir(root):  # the training shards' identities, as the run and the model version record them
+        manifest = data_manifest_version(load_params("params.yaml").data)[:16]
+    assert train_run.data.tags["data_manifest"] == version.tags["data_manifest"] == manifest
+    duplicates = client.get_run(summary["eval_run_id"]).data.metrics
+    assert {k for k in duplicates if k.startswith("train_duplicates_")} >= {"train_duplicates_dropped"}
+    assert any(k.startswith("train_duplicates_near_") for k in duplicates)
 
     async def artifact():
         async with get_client() as prefect:

@@ -97,5 +97,7 @@ class MlflowLogger(BaseCallback):
         mlflow.MlflowClient().finalize_logged_model(model.model_id, "READY")
 
     def on_train_end(self, info):
+        if info.get("data_quality"):
+            mlflow.log_dict(info["data_quality"], "data_quality.json")
         mlflow.flush_async_logging()
         mlflow.end_run()  # the launcher sets the final status once every rank has exited

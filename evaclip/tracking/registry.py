@@ -88,7 +88,8 @@ def register_and_promote(params: Params, record: TrackingRecord, tags: Optional[
     except mlflow.exceptions.MlflowException:
         pass  # exists already
     version = _version_of(client, name, record)
-    tags = {"eval_set": record.eval_set, "data_version": record.data_version or "", "eval_run_id": record.eval_run_id,
+    tags = {"eval_set": record.eval_set, "data_version": record.data_version or "",
+            "data_manifest": record.data_manifest or "", "eval_run_id": record.eval_run_id,
             **{tag_key(k): str(v) for k, v in record.metrics.items()}, **(tags or {})}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)

@@ -18,6 +18,8 @@ import evaclip as evaclip_package
 
 from ..checkpoint import atomic_write_text
 from ..config import Params
+from ..data.loader import data_manifest_version
+from ..data.prepare import DEDUP_REPORT
 from ..eval import EvalResult
 from ..export import export_open_clip
 from ..project import data_version, find_root, lock_digests
@@ -37,6 +39,7 @@ class TrackingRecord:
     metrics: dict
     eval_set: str
     data_version: str | None
+    data_manifest: str | None = None
 
 
 def flatten(params: Params) -> dict[str, str]:
@@ -60,6 +63,7 @@ def run_tags(params: Params) -> dict[str, str]:
     version_ = data_version(root, params)
     if version_:
         tags["data_version"] = version_
+    tags["data_manifest"] = data_manifest_version(params.data)[:16]  # the training shards' identities
     if root is not None:
         tags.update(lock_digests(root))
     tags.update(_git())
@@ -120,6 +124,19 @@ def _log_stage_data(params: Params, tags: dict) -> None:
                 mlflow.log_artifact(str(folder / name), artifact_path="data")
         if (folder / "manifest.json").is_file():
             mlflow.log_metric("samples", json.loads((folder / "manifest.json").read_text())["total"])
+        dedup = Path(params.data.output_dir) / DEDUP_REPORT
+        if dedup.is_file():
+            mlflow.log_artifact(str(dedup), artifact_path="data")
+            mlflow.log_metrics(duplicate_metrics(params))
+
+
+def duplicate_metrics(params: Params) -> dict[str, float]:
+    """Training images that duplicate each evaluation set's images (prepare's dedup.json), as metrics."""
+    file = Path(params.data.output_dir) / DEDUP_REPORT
+    report = json.loads(file.read_text()) if file.is_file() else {"sets": {}}
+    metrics = {f"train_duplicates_{kind}_{name}": float(count)
+               for name, counts in report["sets"].items() for kind, count in counts.items()}
+    return {**metrics, "train_duplicates_dropped": float(report.get("dropped", 0))} if file.is_file() else {}
 
 
 def _log_stage_init(params: Params, tags: dict) -> None:
@@ -154,6 +171,7 @@ def _log_stage_evaluate(params: Params, evaluation: EvalResult, tags: dict, pare
         mlflow.log_params({"eval.checkpoint": evaluation.checkpoint, "eval.set": first.path,
                            "eval.templates": str(params.eval.templates)})
         mlflow.log_metrics({k.replace("/", "_").replace("@", "_at_"): v for k, v in evaluation.metrics.items()})
+        mlflow.log_metrics(duplicate_metrics(params))  # beside the zero-shot figures they may inflate
         for file in sorted(out.glob("*")):
             if file.suffix in (".json", ".csv", ".png") and file.name != RECORD:
                 mlflow.log_artifact(str(file), artifact_path="eval")
@@ -171,7 +189,8 @@ def _log_stage_evaluate(params: Params, evaluation: EvalResult, tags: dict, pare
             )
         mlflow.set_tag("model_uri", info.model_uri)
         return TrackingRecord("", experiment, parent_id, run.info.run_id, info.model_uri,
-                              evaluation.metrics, first.identity or first.path, tags.get("data_version"))
+                              evaluation.metrics, first.identity or first.path, tags.get("data_version"),
+                              tags.get("data_manifest"))
 
 
 def _input_example(first):

@@ -62,6 +62,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_train.py --model EVA02-B-16 --batch 2 --reps 3
 	$(BIN)/python benchmarks/bench_loader.py
+	$(BIN)/python benchmarks/bench_streaming.py
 	$(BIN)/python benchmarks/bench_eval.py
 	$(BIN)/python benchmarks/bench_peer.py
 	$(BIN)/python benchmarks/bench_orchestration.py

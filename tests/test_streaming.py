@@ -272,10 +272,14 @@ def test_duplicates_of_evaluation_images_are_counted_and_dropped_from_streamed_s
             image.resize((64, 64), Image.Resampling.BICUBIC).save(evalset / label / "x.jpg", quality=90)
     location = f"s3://bucket/laion/{PATTERN}"
     params = load_params(REPO / "params.yaml", [f"data.output_dir={tmp_path / 'data'}", "data.source=wds",
-                                                f"eval.sets=[{evalset}]", "data.dedup_against_eval=true",
-                                                "data.near_duplicate_bits=6"])
+                                                f"eval.sets=[{evalset}]", "data.near_duplicate_bits=6"])
     params.data.path = location
-    prepare(params)
+    prepare(params)  # counting only: the sidecars give the counts, no remote shard is read for the check
+    quality = json.loads((tmp_path / "data/train/quality.json").read_text())
+    assert quality["counted_from_sidecars"] == SHARDS and quality["checked_against_eval"] == 0
+    params.data.dedup_against_eval = True
+    prepare(params)  # dropping: every shard is read once and checked
+    assert json.loads((tmp_path / "data/train/quality.json").read_text())["checked_against_eval"] == SHARDS
     report = json.loads((tmp_path / "data/dedup.json").read_text())
     assert report["sets"]["eval"] == {"exact": 1, "near": 2} and report["dropped"] == 2
     manifest = read_manifest(tmp_path / "data/train")

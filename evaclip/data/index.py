@@ -8,7 +8,7 @@ Sample counts come from img2dataset's `<shard>_stats.json` sidecars where presen
 small reads); otherwise one counting pass reads each shard once and records its count and checksum. Local
 shards always get the pass (their checksum is their identity). The pass also finds training images that
 duplicate evaluation images (`dedup.EvalIndex`); with `drop`, their keys go into the manifest's `exclude`
-lists and the loader leaves them out.
+lists and the loader leaves them out. Only shards that were read are checked (`quality.json` says how many).
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def index_shards(location: str, out_dir: Path, max_skipped_fraction: float, eval
     for shard in shards:
         shard["samples"] = storage.sample_count_from_sidecar(sidecars.get(storage.sidecar_url(shard["url"])))
     checking = evals is not None and bool(evals.names)
-    to_read = [s for s in shards if s["samples"] is None or not remote or checking]
+    # A shard is read when its count is unknown or its checksum is its identity (local), and for the duplicate
+    # check only when duplicates are to be dropped: counting them alone never costs a read of a remote set.
+    to_read = [s for s in shards if s["samples"] is None or not remote or (checking and drop)]
     with ThreadPoolExecutor(PASS_THREADS if remote else 1) as pool:
         passes = dict(zip((s["url"] for s in to_read), pool.map(lambda s: _read(s["url"], checking), to_read),
                           strict=True))
@@ -64,7 +66,8 @@ def index_shards(location: str, out_dir: Path, max_skipped_fraction: float, eval
     quality = {"seen_shards": len(shards), "skipped": {"unreadable_shard": len(bad)} if bad else {},
                "skipped_fraction": round(len(bad) / len(shards), 6), "max_skipped_fraction": max_skipped_fraction,
                "examples": {"unreadable_shard": list(bad.items())[:10]} if bad else {},
-               "counted_from_sidecars": len(shards) - len(to_read)}
+               "counted_from_sidecars": len(shards) - len(to_read),
+               "checked_against_eval": len(to_read) if checking else 0}
     if len(bad) > max_skipped_fraction * len(shards) or not entries:
         raise EvaclipError(f"{location}: {len(bad)} of {len(shards)} shards unreadable "
                            f"(data.max_skipped_fraction {max_skipped_fraction:.2%}): {json.dumps(quality['examples'])}")

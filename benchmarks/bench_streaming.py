@@ -106,7 +106,8 @@ def manifest_seconds(bucket: str, shards: int, work: Path) -> dict:
     seconds = time.perf_counter() - start
     assert manifest["total"] == shards and len(manifest["shards"]) == shards
     start = time.perf_counter()
-    storage.list_shards(location)
+    listed, _ = storage.list_shards(location)
+    assert len(listed) == shards
     return {"manifest": seconds, "listing_alone": time.perf_counter() - start}
 
 

@@ -73,8 +73,8 @@ def prepare(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None,
 
     cfg = _load(params, profile, set_)
     result = prepare_data(cfg)
-    manifest = result.manifest
-    out.print(f"{result.train_dir}: {manifest['total']} samples in {len(manifest['shards'])} shards")
+    for name, manifest in result.manifests.items():
+        out.print(f"{name}: {manifest['total']} samples in {len(manifest['shards'])} shards")
     for eval_dir in result.eval_dirs:
         out.print(f"evaluation set: {eval_dir}")
 

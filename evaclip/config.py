@@ -102,6 +102,15 @@ class DataConfig(_Section):
     read_retries: int = Field(3, ge=0, description="attempts after a shard fails to open or to read, then it is skipped")
     retry_delay: float = Field(1.0, ge=0, description="seconds before the first retry, doubled at each next one")
 
+    @field_validator("mix")
+    @classmethod
+    def _mix_names_differ(cls, mix: list[MixEntry]) -> list[MixEntry]:
+        names = [m.name or f"mix{i}" for i, m in enumerate(mix)]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"entries share the name(s) {twice}: each shard set needs its own (its manifest's folder)")
+        return mix
+
     @field_validator("caption_templates")
     @classmethod
     def _templates_have_a_slot(cls, templates: list[str]) -> list[str]:

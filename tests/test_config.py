@@ -96,3 +96,9 @@ def test_invalid_overrides_fail_before_any_work(override, message):
 
 def test_a_number_given_for_a_text_setting_stays_text():
     assert load_params(REPO / "params.yaml", ["tracking.experiment=2024"]).tracking.experiment == "2024"
+
+
+def test_mixture_entries_need_distinct_names():
+    """Each entry's manifest has its own folder (train/mix/<name>): two with one name would share it."""
+    with pytest.raises(ConfigError, match=r"data.mix: .*share the name\(s\) \['mix0'\]"):
+        load_params(REPO / "params.yaml", ["data.mix=[{path: a}, {path: b, name: mix0}]"])

@@ -220,7 +220,7 @@ def test_img2dataset_shards_are_indexed_in_place_and_truncated_tars_skipped(tmp_
                     tar.addfile(info, io.BytesIO(data))
     whole = (shards / "00003.tar").read_bytes()
     (shards / "00003.tar").write_bytes(whole[:2000])
-    with pytest.raises(EvaclipError, match="1 of 4 shards unreadable"):
+    with pytest.raises(EvaclipError, match="1 of 4 shards missing or unreadable"):
         prepare(params_for(tmp_path, source="wds", path=shards))
     result = prepare(params_for(tmp_path, source="wds", path=shards, max_skipped_fraction=0.3))
     assert result.manifest["total"] == 30 and all(Path(s["name"]).is_absolute() for s in result.manifest["shards"])

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from evaclip import project
-from evaclip.config import load_params
+from evaclip.config import PROFILES_DIR, load_params, profile_path
 from evaclip.errors import ConfigError
 
 from .conftest import REPO
@@ -122,3 +122,19 @@ def test_outside_a_project_the_error_says_where_to_run(tmp_path, monkeypatch):
     monkeypatch.delenv("EVACLIP_HOME", raising=False)
     with pytest.raises(ConfigError, match="is not inside an evaclip project"):
         project.require_root(tmp_path)
+
+
+@pytest.mark.parametrize("profile", sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
+def test_every_profile_holds_every_parameter_dvc_yaml_names(profile):
+    """`evaclip config use` copies a profile to params.yaml as written: DVC refuses a stage whose params are missing."""
+    raw = yaml.safe_load(profile_path(profile).read_text())
+    missing = []
+    for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values():
+        for key in stage.get("params", []):
+            node = raw
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    missing.append(key)
+                    break
+                node = node[part]
+    assert not missing, f"{profile}: {sorted(set(missing))}"

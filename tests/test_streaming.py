@@ -23,7 +23,7 @@ from evaclip.config import MixEntry, load_params, profile_path
 from evaclip.data import make_train_loader, prepare, storage
 from evaclip.data.loader import DataReport, data_manifest_version
 from evaclip.data.shards import read_manifest
-from evaclip.errors import ConfigError
+from evaclip.errors import ConfigError, EvaclipError
 from evaclip.model import create_transforms
 
 from .conftest import REPO
@@ -220,6 +220,13 @@ def test_truncated_and_missing_objects_are_retried_skipped_counted_and_ranks_sta
         for rank in range(2):
             list(loader(remote, rank=rank, world=2, retry_delay=0.01, max_skipped_fraction=0.1)[0])
 
+    # Indexed again: the missing object is counted (img2dataset's numbering has such gaps), not fatal below the limit.
+    again = indexed(tmp_path / "again", f"s3://bucket/faulty/{PATTERN}", max_skipped_fraction=0.2)
+    assert json.loads((again / "quality.json").read_text())["skipped"] == {"missing": 1}
+    assert read_manifest(again)["total"] == (SHARDS - 1) * PER_SHARD
+    with pytest.raises(EvaclipError, match="1 of 8 shards missing or unreadable"):
+        indexed(tmp_path / "strict", f"s3://bucket/faulty/{PATTERN}")
+
 
 def test_a_resume_reads_past_consumed_samples_without_decoding_them(local_reference):
     decoded = []
@@ -298,7 +305,9 @@ def test_merged_2b_profile_mixes_laion_and_coyo_at_the_papers_weights(s3, tmp_pa
            MixEntry(path=f"s3://bucket/coyo/{PATTERN}", weight=weights["coyo700m"], name="coyo700m")]
     data = load_params(REPO / "params.yaml", [f"data.output_dir={tmp_path / 'data'}", "data.source=wds"])
     data.data.path, data.data.mix = None, mix
-    prepare(data)  # indexes both mixture entries in place
+    result = prepare(data)  # indexes both mixture entries in place, under train/ (what training depends on)
+    assert result.manifest is None and sorted(Path(f).name for f in result.manifests) == ["coyo700m", "laion2b"]
+    assert all(Path(f).parent == tmp_path / "data/train/mix" for f in result.manifests)
     cfg = data.data.model_copy(update=dict(resampled=True, samples_per_epoch=4096, workers=2))
     report = DataReport()
     train, _ = create_transforms("evaclip-demo")

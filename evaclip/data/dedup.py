@@ -49,6 +49,7 @@ class EvalIndex:
     _near_set: list[str] = field(default_factory=list)
     found: Counter = field(default_factory=Counter)   # (set, "exact" | "near") -> training images; near includes exact
     dropped: int = 0
+    checked: int = 0   # training images compared (a remote set counted from sidecars is not read)
     _table: np.ndarray | None = None
     _bands: list[dict] = field(default_factory=list)
 
@@ -69,6 +70,7 @@ class EvalIndex:
         """`check` for many training images at once."""
         if not self.names or not hashes:
             return [False] * len(hashes)
+        self.checked += len(hashes)
         out = []
         for exact, near in hashes:
             hits = {(self._near_set[i], "near") for i in self._within(near)}
@@ -101,6 +103,7 @@ class EvalIndex:
     def report(self) -> dict:
         return {
             "near_duplicate_bits": self.near_bits,
+            "training_images_checked": self.checked,
             "dropped": self.dropped,
             "sets": {name: {"exact": self.found[(name, "exact")], "near": self.found[(name, "near")]}
                      for name in self.names},

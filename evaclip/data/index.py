@@ -18,6 +18,8 @@ import json
 import os
 import shutil
 import tarfile
+from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -33,8 +35,11 @@ PASS_THREADS = 8  # reads are network-bound; decoding for the duplicate check is
 
 def index_shards(location: str, out_dir: Path, max_skipped_fraction: float, evals: Optional[EvalIndex] = None,
                  drop: bool = False) -> dict:
-    """Write `out_dir/manifest.json` and `quality.json` for the shards at `location`; returns the manifest."""
-    shards = storage.list_shards(location)
+    """Write `out_dir/manifest.json` and `quality.json` for the shards at `location`; returns the manifest.
+
+    Missing shards of a brace pattern and unreadable ones are skipped and counted against max_skipped_fraction.
+    """
+    shards, missing = storage.list_shards(location)
     remote = storage.is_remote(location)
     with_sidecars = remote and not storage.is_pipe(location)  # a pipe: is a command, not a place with neighbours
     sidecars = storage.read_sidecars([storage.sidecar_url(s["url"]) for s in shards]) if with_sidecars else {}
@@ -43,13 +48,11 @@ def index_shards(location: str, out_dir: Path, max_skipped_fraction: float, eval
     checking = evals is not None and bool(evals.names)
     # A shard is read when its count is unknown or its checksum is its identity (local), and for the duplicate
     # check only when duplicates are to be dropped: counting them alone never costs a read of a remote set.
-    to_read = [s for s in shards if s["samples"] is None or not remote or (checking and drop)]
-    with ThreadPoolExecutor(PASS_THREADS if remote else 1) as pool:
-        passes = dict(zip((s["url"] for s in to_read), pool.map(lambda s: _read(s["url"], checking), to_read),
-                          strict=True))
-    entries, bad = [], {}
+    to_read = {s["url"] for s in shards if s["samples"] is None or not remote or (checking and drop)}
+    passes = _passes([s["url"] for s in shards if s["url"] in to_read], checking, threads=PASS_THREADS if remote else 1)
+    entries, bad = [], {url: "missing" for url in missing}
     for shard in shards:
-        result = passes.get(shard["url"])
+        result = next(passes) if shard["url"] in to_read else None
         if result is not None and result["error"]:
             bad[shard["url"]] = result["error"]
             continue
@@ -57,24 +60,38 @@ def index_shards(location: str, out_dir: Path, max_skipped_fraction: float, eval
         if result is not None:
             entry.update(samples=result["samples"], sha256=result["sha256"])
             found = evals.check_many([hashes for _, hashes in result["images"]]) if checking else []
-            excluded = [key for (key, _), duplicate in zip(result["images"], found, strict=True) if duplicate]
+            excluded = sorted({key for (key, _), duplicate in zip(result["images"], found, strict=True) if duplicate})
             if drop and excluded:
-                entry["exclude"] = sorted(set(excluded))
-                entry["samples"] -= len(entry["exclude"])
-                evals.dropped += len(entry["exclude"])
+                entry["exclude"] = excluded
+                entry["samples"] -= len(excluded)
+                evals.dropped += len(excluded)
         entries.append({k: v for k, v in entry.items() if v is not None})
-    quality = {"seen_shards": len(shards), "skipped": {"unreadable_shard": len(bad)} if bad else {},
-               "skipped_fraction": round(len(bad) / len(shards), 6), "max_skipped_fraction": max_skipped_fraction,
-               "examples": {"unreadable_shard": list(bad.items())[:10]} if bad else {},
+    seen = len(shards) + len(missing)
+    quality = {"seen_shards": seen, "skipped": dict(Counter("missing" if e == "missing" else "unreadable_shard"
+                                                            for e in bad.values())),
+               "skipped_fraction": round(len(bad) / seen, 6), "max_skipped_fraction": max_skipped_fraction,
+               "examples": {"skipped_shard": list(bad.items())[:10]} if bad else {},
                "counted_from_sidecars": len(shards) - len(to_read),
                "checked_against_eval": len(to_read) if checking else 0}
-    if len(bad) > max_skipped_fraction * len(shards) or not entries:
-        raise EvaclipError(f"{location}: {len(bad)} of {len(shards)} shards unreadable "
+    if len(bad) > max_skipped_fraction * seen or not entries:
+        raise EvaclipError(f"{location}: {len(bad)} of {seen} shards missing or unreadable "
                            f"(data.max_skipped_fraction {max_skipped_fraction:.2%}): {json.dumps(quality['examples'])}")
     manifest = {"format": "evaclip-shards/1", "total": sum(e["samples"] for e in entries), "shards": entries,
                 "source": {"type": "wds", "path": str(location)}}
     _replace_dir(out_dir, {MANIFEST: manifest, QUALITY: quality})
     return manifest
+
+
+def _passes(urls: list[str], hash_images: bool, threads: int, window: int = 64) -> Iterator[dict]:
+    """`_read` of each url, in order, with at most `window` results held at once (a billion images' hashes
+    never sit in memory together)."""
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque(pool.submit(_read, url, hash_images) for url in urls[:window])
+        for url in urls[window:]:
+            yield pending.popleft().result()
+            pending.append(pool.submit(_read, url, hash_images))
+        while pending:
+            yield pending.popleft().result()
 
 
 def _read(url: str, hash_images: bool) -> dict:

@@ -50,6 +50,7 @@ from .shards import MANIFEST, read_manifest
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
 MAX_CONSECUTIVE_FAILURES = 1000
+MAX_EMPTY_PASSES = 100
 
 
 @dataclass
@@ -61,9 +62,11 @@ class ShardSet:
     exclude: dict[str, frozenset] = field(default_factory=dict)  # url -> keys left out (duplicates of eval images)
 
 
-def load_shard_set(path: Path, weight: float = 1.0, name: str = "train") -> ShardSet:
+def load_shard_set(path: Path, weight: float = 1.0, name: str = "train", pipes: bool = False) -> ShardSet:
     manifest = read_manifest(path)  # the dataset size comes from the manifest, never from a scan
     urls = [_shard_url(path, entry["name"]) for entry in manifest["shards"]]
+    if not pipes and any(storage.is_pipe(u) for u in urls):  # commands come from a params file, nowhere else
+        raise ConfigError(f"{path}: its manifest lists pipe: commands, which this configuration does not declare")
     missing = [u for u in urls if not storage.is_remote(u) and not Path(u).is_file()]
     if missing:
         raise ConfigError(f"{path}: {len(missing)} shard(s) of the manifest are missing, e.g. {missing[0]} (dvc pull?)")
@@ -77,7 +80,7 @@ def mix_folder(cfg: DataConfig, index: int) -> Path:
     entry = cfg.mix[index]
     if not storage.is_remote(entry.path) and (Path(entry.path) / MANIFEST).is_file():
         return Path(entry.path)
-    return Path(cfg.output_dir) / "mix" / (entry.name or f"mix{index}")
+    return Path(cfg.output_dir) / "train" / "mix" / (entry.name or f"mix{index}")
 
 
 def _mixture(cfg: DataConfig) -> list[tuple[str, Path, float]]:
@@ -117,7 +120,8 @@ def data_manifest_version(cfg: DataConfig) -> str:
 
 
 def shard_sets(cfg: DataConfig) -> list[ShardSet]:
-    return [load_shard_set(path, weight, name) for name, path, weight in _mixture(cfg)]
+    pipes = any(storage.is_pipe(p) for p in [cfg.path, *(m.path for m in cfg.mix)] if p)
+    return [load_shard_set(path, weight, name, pipes) for name, path, weight in _mixture(cfg)]
 
 
 class ShardError(Exception):
@@ -200,6 +204,8 @@ class ImageTextStream(IterableDataset):
         raw = _shuffle(_mix(streams, [s.weight for s in self.sets], rng), self.shuffle_buffer, rng)
         n_batches = _share(self.batches_per_epoch, stream, workers)
         skip = _share(self.skip_batches, stream, workers)
+        if skip >= n_batches:  # this stream's share of the epoch was consumed before the resume
+            return
         position, first = 0, 0
         if skip and stream in self.positions:  # read past what was consumed, decoding nothing
             position, first = self.positions[stream], skip
@@ -220,6 +226,7 @@ class ImageTextStream(IterableDataset):
         own_rng = random.Random(f"{self.seed}:{self.epoch}:{set_index}:{self.rank}:{worker}")
         slot, slots = self.rank * workers + worker, self.world_size * workers
         dead: set[str] = set()  # skipped once this epoch: not retried on every later pass
+        empty_passes = 0
         for pass_index in itertools.count():
             if self.resampled:
                 urls = [own_rng.choice(shard_set.urls) for _ in range(len(shard_set.urls))]
@@ -241,9 +248,11 @@ class ImageTextStream(IterableDataset):
                     log.warning("skipping shard %s: %s", url, err)
                     dead.add(url)
                     skipped[url] = str(err)
-            if count == 0:
-                raise ConfigError(f"data: shards {urls[:3]}... yielded no samples (all unreadable?): "
-                                  f"{dict(list(skipped.items())[:3])}")
+            empty_passes = empty_passes + 1 if count == 0 else 0
+            # A later pass reshuffles (other shards for this slot): give up only when none can give a sample.
+            if dead >= set(shard_set.urls) or empty_passes >= MAX_EMPTY_PASSES:
+                raise ConfigError(f"data: the shards of {shard_set.name} yield no samples (all unreadable or empty?), "
+                                  f"e.g. {dict(list(skipped.items())[:3]) or urls[:3]}")
 
     def _decoded(self, samples: Iterator[dict], stream: int, start: int) -> Iterator[tuple]:
         """(pixels, tokens, shard set, position after it) of each decodable sample."""
@@ -281,12 +290,12 @@ class ImageTextStream(IterableDataset):
 class TrainLoader:
     """A rank's DataLoader yielding (images, tokens), and the `DataReport` its batches fill in.
 
-    More skipped shards of a set than `max_skipped_fraction` of this rank's share of it fail the run."""
+    More distinct skipped shards of a set than `max_skipped_fraction` of its shards fail the run (counted on this
+    rank, which reaches every shard over its reshuffled passes)."""
 
-    def __init__(self, loader: DataLoader, sets: Sequence[ShardSet], report: DataReport,
-                 max_skipped_fraction: float, share: float):
+    def __init__(self, loader: DataLoader, sets: Sequence[ShardSet], report: DataReport, max_skipped_fraction: float):
         self.loader, self.report = loader, report
-        self.limits = {s.name: max_skipped_fraction * len(s.urls) * share for s in sets}
+        self.limits = {s.name: max_skipped_fraction * len(s.urls) for s in sets}
         self.set_of = {url: s.name for s in sets for url in s.urls}
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -304,7 +313,7 @@ class TrainLoader:
             if len(failed) > limit:
                 raise ConfigError(
                     f"data: {len(failed)} shard(s) of {name} could not be read (more than data.max_skipped_fraction "
-                    f"of this rank's share): {', '.join(failed[:10])}; last error: {self.report.skipped[failed[-1]]}")
+                    f"of its shards): {', '.join(failed[:10])}; last error: {self.report.skipped[failed[-1]]}")
 
 
 def make_train_loader(
@@ -352,8 +361,7 @@ def make_train_loader(
     # resumed run (which creates its loader at another step) would mask tokens differently.
     loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                         prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(seed))
-    share = 1.0 if cfg.resampled else 1.0 / world_size
-    return TrainLoader(loader, sets, report, cfg.max_skipped_fraction, share), batches - samples_seen // global_batch
+    return TrainLoader(loader, sets, report, cfg.max_skipped_fraction), batches - samples_seen // global_batch
 
 
 def shards_for_slot(urls: Sequence[str], pass_seed: str, slot: int, slots: int) -> list[str]:

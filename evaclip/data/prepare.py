@@ -3,7 +3,7 @@
 Layout of `data.output_dir` (a DVC-cached output of that stage):
     train/             shard-*.tar, manifest.json, quality.json   (image, caption, class)
     eval/<name>/       shard-*.tar, manifest.json, classnames.txt, zeroshot_classification_templates.txt
-    mix/<name>/        manifest.json, quality.json of a data.mix entry used in place
+    train/mix/<name>/  manifest.json, quality.json of a data.mix entry used in place (training depends on train/)
     dedup.json         training images that duplicate evaluation images, per set (exact, near)
 Existing webdataset shards (`data.source: wds`, local or remote) are used in place: train/ then holds only
 their manifest (evaclip.data.index), which DVC versions instead of the bytes.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from .shards import write_shard_set
 from .sources import SOURCES, Item, Sample
 
 DEDUP_REPORT = "dedup.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,11 +39,14 @@ class PrepareResult:
     train_dir: Path
     manifest: Optional[dict]  # None: data.mix alone is the training data
     eval_dirs: list[Path]
+    manifests: dict[str, dict]  # every shard set written: folder -> its manifest
 
 
 def prepare(params: Params) -> PrepareResult:
     cfg = params.data
     out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _warn_if_unwatched(cfg)
     evals = EvalIndex(cfg.near_duplicate_bits)
     eval_dirs: list[Path] = []
     manifest = None
@@ -76,13 +81,26 @@ def prepare(params: Params) -> PrepareResult:
             _deduplicated(source.samples, evals, cfg.dedup_against_eval), out / "train", cfg.samples_per_shard,
             cfg.max_skipped_fraction, extra_manifest=described,
         )
-    shutil.rmtree(out / "mix", ignore_errors=True)  # no manifest of an earlier mixture stays behind
+    manifests = {str(out / "train"): manifest} if manifest else {}
+    (out / "train").mkdir(exist_ok=True)  # the training data's folder (what train depends on), even mix-only
+    shutil.rmtree(out / "train" / "mix", ignore_errors=True)  # no manifest of an earlier mixture stays behind
     for index, entry in enumerate(cfg.mix):  # shards used in place: indexed, never copied
         folder = mix_folder(cfg, index)
         if folder != Path(entry.path):
-            index_shards(entry.path, folder, cfg.max_skipped_fraction, evals, cfg.dedup_against_eval)
+            manifests[str(folder)] = index_shards(entry.path, folder, cfg.max_skipped_fraction, evals,
+                                                  cfg.dedup_against_eval)
     (out / DEDUP_REPORT).write_text(json.dumps(evals.report(), indent=2) + "\n")
-    return PrepareResult(out / "train", manifest, eval_dirs)
+    return PrepareResult(out / "train", manifest, eval_dirs, manifests)
+
+
+def _warn_if_unwatched(cfg) -> None:
+    """dvc.yaml's prepare watches data/ (data.dvc's folder): a local source elsewhere changes unseen."""
+    if cfg.source == "wds" or cfg.path is None or storage.is_remote(cfg.path):
+        return
+    path = Path(cfg.path).resolve()
+    if not path.is_relative_to(Path("data").resolve()):
+        log.warning("data.path %s is outside data/: `dvc repro` does not see it change (track it with "
+                    "`dvc import-url %s data`, or run `dvc repro -f -s prepare` after a change)", cfg.path, cfg.path)
 
 
 def remote_sources(params: Params) -> list[str]:
@@ -104,6 +122,9 @@ def _hashed(items: Iterator[Item], evals: EvalIndex, name: str) -> Iterator[Item
 
 def _deduplicated(items: Iterator[Item], evals: EvalIndex, drop: bool, block: int = 512) -> Iterator[Item]:
     """`items`, each training image checked against the evaluation images (in blocks: one vectorised search)."""
+    if not evals.names:
+        yield from items
+        return
     for chunk in iter(lambda: list(itertools.islice(items, block)), []):
         hashes, checked = [], []
         for item in chunk:

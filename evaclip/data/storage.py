@@ -57,33 +57,37 @@ def open_shard(url: str) -> IO[bytes]:
     return fs.open(path, "rb", block_size=READ_BLOCK_BYTES)
 
 
-def list_shards(location: str) -> list[dict]:
-    """Every shard of `location`: [{url, bytes, etag}] (bytes and etag None where the store gives none).
+def list_shards(location: str) -> tuple[list[dict], list[str]]:
+    """The shards of `location` ([{url, bytes, etag}], bytes and etag None where the store gives none), and
+    those a brace pattern names that do not exist (img2dataset's numbering has gaps where a shard failed).
 
     Object stores are listed (one request per thousand objects), never asked object by object.
     """
-    patterns = list(braceexpand.braceexpand(str(location)))
+    patterns = list(braceexpand.braceexpand(str(location).removeprefix("file://")))
     if is_pipe(location):
-        return [{"url": p, "bytes": None, "etag": None} for p in patterns]
+        return [{"url": p, "bytes": None, "etag": None} for p in patterns], []
     if not is_remote(location):
         return _list_local(patterns, location)
     scheme, bucket = _bucket(patterns[0])
     if scheme in ("http", "https"):  # no listing on the web: one HEAD per shard
         fs, _ = filesystem(patterns[0])
-        return [_entry(p, fs.info(p)) for p in patterns]
+        found, missing = [], []
+        for p in patterns:
+            try:
+                found.append(_entry(p, fs.info(p)))
+            except FileNotFoundError:
+                missing.append(p)
+        return found, missing
     if len(patterns) == 1 and not patterns[0].endswith(".tar"):  # a prefix: every .tar under it
         listing = _listing(patterns[0])
         shards = [_entry(url, info) for url, info in sorted(listing.items()) if url.endswith(".tar")]
         if not shards:
             raise ConfigError(f"data: no .tar shards under {location}")
-        return shards
+        return shards, []
     listing = {}
     for folder in sorted({p.rsplit("/", 1)[0] + "/" for p in patterns}):
         listing.update(_listing(folder))
-    missing = [p for p in patterns if p not in listing]
-    if missing:
-        raise ConfigError(f"data: {len(missing)} shard(s) of {location} do not exist, e.g. {missing[0]}")
-    return [_entry(p, listing[p]) for p in patterns]
+    return [_entry(p, listing[p]) for p in patterns if p in listing], [p for p in patterns if p not in listing]
 
 
 def read_sidecars(urls: list[str], concurrency: int = 64) -> dict[str, Optional[bytes]]:
@@ -133,17 +137,17 @@ def sidecar_url(shard_url: str) -> str:
     return shard_url[: -len(".tar")] + "_stats.json" if shard_url.endswith(".tar") else shard_url + "_stats.json"
 
 
-def _list_local(patterns: list[str], location: str) -> list[dict]:
+def _list_local(patterns: list[str], location: str) -> tuple[list[dict], list[str]]:
+    missing: list[str] = []
     if len(patterns) == 1 and Path(patterns[0]).is_dir():
         files = sorted(Path(patterns[0]).resolve().rglob("*.tar"))
     else:
-        files = [Path(p).resolve() for p in patterns]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise ConfigError(f"data: {len(missing)} shard(s) of {location} do not exist, e.g. {missing[0]}")
+        candidates = [Path(p).resolve() for p in patterns]
+        files = [f for f in candidates if f.is_file()]
+        missing = [str(f) for f in candidates if not f.is_file()]
     if not files:
         raise ConfigError(f"data.path: no .tar shards in {location}")
-    return [{"url": str(f), "bytes": f.stat().st_size, "etag": None} for f in files]
+    return [{"url": str(f), "bytes": f.stat().st_size, "etag": None} for f in files], missing
 
 
 def _bucket(url: str) -> tuple[str, str]:

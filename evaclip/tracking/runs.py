@@ -136,7 +136,10 @@ def duplicate_metrics(params: Params) -> dict[str, float]:
     report = json.loads(file.read_text()) if file.is_file() else {"sets": {}}
     metrics = {f"train_duplicates_{kind}_{name}": float(count)
                for name, counts in report["sets"].items() for kind, count in counts.items()}
-    return {**metrics, "train_duplicates_dropped": float(report.get("dropped", 0))} if file.is_file() else {}
+    if not file.is_file():
+        return {}
+    return {**metrics, "train_duplicates_dropped": float(report.get("dropped", 0)),
+            "train_images_checked_for_duplicates": float(report.get("training_images_checked", 0))}
 
 
 def _log_stage_init(params: Params, tags: dict) -> None:

@@ -84,6 +84,7 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
         _check_same_recipe(checkpoints.trainer_state(latest).get("recipe", {}), recipe, latest)
         state = checkpoints.load(engine, latest)  # restores this rank's RNG states too
         saved = checkpoints.load_rank_state(latest).get("data", {})
+        data_report.skipped = dict(saved.get("skipped", {}))  # counted against max_skipped_fraction across resumes
         if saved.get("workers") == params.data.workers:  # where each stream stands: read past, not decoded again
             data_report.positions = {int(k): v for k, v in saved.get("positions", {}).items()}
     else:
@@ -150,7 +151,8 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
                 for callback in callbacks:
                     callback.on_step(state["step"], metrics)
             if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
-                rank_state = {"data": {"workers": params.data.workers, "positions": data_report.positions}}
+                rank_state = {"data": {"workers": params.data.workers, "positions": data_report.positions,
+                                       "skipped": data_report.skipped}}
                 path = checkpoints.save(engine, cfg.output_dir, dict(state), cfg.keep_checkpoints, rank_state)
                 for callback in callbacks:
                     callback.on_checkpoint(state["step"], path)

@@ -45,7 +45,6 @@ class PrepareResult:
 def prepare(params: Params) -> PrepareResult:
     cfg = params.data
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     _warn_if_unwatched(cfg)
     evals = EvalIndex(cfg.near_duplicate_bits)
     eval_dirs: list[Path] = []
@@ -82,7 +81,7 @@ def prepare(params: Params) -> PrepareResult:
             cfg.max_skipped_fraction, extra_manifest=described,
         )
     manifests = {str(out / "train"): manifest} if manifest else {}
-    (out / "train").mkdir(exist_ok=True)  # the training data's folder (what train depends on), even mix-only
+    (out / "train").mkdir(parents=True, exist_ok=True)  # the training data's folder (what train depends on), even mix-only
     shutil.rmtree(out / "train" / "mix", ignore_errors=True)  # no manifest of an earlier mixture stays behind
     for index, entry in enumerate(cfg.mix):  # shards used in place: indexed, never copied
         folder = mix_folder(cfg, index)

@@ -8,7 +8,7 @@ transformed with open_clip's training transforms, tokenized, and batched inside 
 Shards are local files or remote objects (`storage`: s3://, https://, pipe:). A shard that cannot be opened,
 or fails part-way, is retried with backoff (`data.read_retries`, `data.retry_delay`), continuing after the
 samples it already gave; then it is skipped, reported with the batches (`DataReport`), and more skipped
-shards than `data.max_skipped_fraction` of a rank's share fail the run naming them.
+shards than `data.max_skipped_fraction` of a set's shards fail the run naming them.
 
 An epoch is a fixed number of samples, and every worker yields exactly its share of batches, so
 ranks never starve (a rank whose shards run out, or are skipped, goes round them again, reshuffled).

@@ -36,6 +36,8 @@ ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file (DV
 ProfileOpt = Annotated[
     Optional[str], typer.Option("--profile", help="Use the packaged profile NAME (evaclip/profiles/) instead of --params, e.g. eva02-clip-b16.")
 ]
+NodeRankOpt = Annotated[Optional[int], typer.Option(
+    "--node-rank", help="This node's rank when train.nodes > 1 (default: NODE_RANK or PET_NODE_RANK, else 0).")]
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override one value, KEY.PATH=VALUE (repeatable), e.g. -s train.lr=1e-3."),
@@ -100,7 +102,7 @@ def init(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, se
 @app.command()
 @_reports_errors
 def pretrain(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None,
-             if_teacher: Annotated[bool, typer.Option(
+             node_rank: NodeRankOpt = None, if_teacher: Annotated[bool, typer.Option(
                  "--if-teacher", help="Without pretrain.teacher, record that there is none instead of failing "
                                       "(dvc.yaml's stage).")] = False):
     """EVA weights by masked image modelling against a CLIP teacher's features (pretrain.teacher).
@@ -120,7 +122,7 @@ def pretrain(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
         atomic_write_text(Path(cfg.pretrain.output_dir) / "status.json", json.dumps({"teacher": None, "note": note}) + "\n")
         out.print(note)
         return
-    checkpoint = launch(cfg, stage="pretrain")
+    checkpoint = launch(cfg, stage="pretrain", node_rank=node_rank)
     run_id = run_id_of(checkpoint.parent)
     out.print(f"EVA checkpoint: {checkpoint} (MLflow run {run_id})")
     out.print(f"initialize from it: evaclip init -s init.vision={checkpoint}")
@@ -128,16 +130,18 @@ def pretrain(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
 
 @app.command()
 @_reports_errors
-def train(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None):
+def train(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None,
+          node_rank: NodeRankOpt = None):
     """Train with DeepSpeed (ZeRO-1, LAMB, token masking) from the initialized checkpoint.
 
     Starts train.devices processes (torchrun or the deepspeed launcher); resumes from the latest
     checkpoint in train.output_dir; writes train.output_dir/model.safetensors and metrics.jsonl.
+    Several nodes (train.nodes): run it on each with its --node-rank; they meet at train.rdzv_endpoint.
     """
     from .train import launch
 
     cfg = _load(params, profile, set_)
-    model_path = launch(cfg)
+    model_path = launch(cfg, node_rank=node_rank)
     out.print(f"trained model: {model_path}")
 
 

@@ -158,7 +158,12 @@ class TrainConfig(_Section):
     max_nonfinite_steps: int = Field(10, ge=0, description="consecutive non-finite steps tolerated")
     log_every: int = Field(10, gt=0)
     launcher: Literal["torchrun", "deepspeed"] = "torchrun"
-    hostfile: Optional[Path] = Field(None, description="DeepSpeed hostfile for several nodes (launcher: deepspeed)")
+    hostfile: Optional[Path] = Field(
+        None, description="several nodes, launcher deepspeed: its hostfile, started from node 0 over pdsh/ssh; "
+                          "without one every node runs `evaclip train --node-rank R` (DeepSpeed's --no_ssh)")
+    rdzv_endpoint: Optional[str] = Field(
+        None, description="several nodes: HOST:PORT of node 0 (torchrun's c10d rendezvous, DeepSpeed's master); "
+                          "default: MASTER_ADDR / MASTER_PORT from the environment (set by Kubernetes operators)")
     seed: int = 0
 
     @property

@@ -77,13 +77,24 @@ def test_zero_shot_metrics_are_consistent_and_deterministic(workspace, tmp_path)
     matrix = torch.tensor(result.confusion)
     assert matrix.sum() == 12 and matrix.shape == (3, 3)
     assert result.metrics["zeroshot_top1"] == pytest.approx(matrix.diagonal().sum().item() / 12)
-    assert result.metrics["zeroshot_top5"] == 1.0  # 3 classes
     assert result.metrics["mean_per_class_recall"] == pytest.approx(sum(result.per_class) / 3)
     assert evaluate(params, progress=False).metrics == first.metrics
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert written["metrics"]["zeroshot_top1"] == result.metrics["zeroshot_top1"]
     assert (tmp_path / "eval" / "eval_confusion.png").is_file()
     assert (tmp_path / "eval" / "eval_per_class.csv").read_text().splitlines()[0] == "class,accuracy,samples"
+
+
+def test_evaluation_runs_in_the_training_precision(workspace, tmp_path):
+    """bf16 training is evaluated in bf16 (on the GPU when there is one): classification and retrieval."""
+    fp32 = evaluate(params_in(workspace, tmp_path / "fp32", "eval.templates=simple"), progress=False)
+    params = params_in(workspace, tmp_path, "eval.templates=simple", "train.precision=bf16",
+                       f"eval.sets=[{workspace / 'eval'},{workspace / 'captions'}]")
+    result = evaluate(params, progress=False)
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert fp32.dtype == "float32" and result.dtype == written["dtype"] == "bfloat16"
+    assert written["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert result.sets[0].confusion != [] and result.sets[1].metrics["samples"] == 12
 
 
 def test_the_classifier_averages_normalized_template_embeddings(workspace, tmp_path):
@@ -121,7 +132,7 @@ def logged(workspace, tmp_path_factory):
     env = open_run(params, "train", out / "train")
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
     try:
-        rank0 = MlflowLogger(env["EVACLIP_MLFLOW_RUN_ID"])
+        rank0 = MlflowLogger(run_id=env["EVACLIP_MLFLOW_RUN_ID"])
         rank0.on_train_start({"steps": 5, "start_step": 0})
         for step in range(1, 6):
             rank0.on_step(step, {"loss": 3.0 - step / 10, "lr/visual": 1e-3, "lr/text": 1e-4})

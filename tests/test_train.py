@@ -246,12 +246,51 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(micro_
     assert steps == [1, 2, 3, 4] and (out / "model.safetensors").read_bytes() != first_model  # trained anew
 
 
+def _two_nodes(micro_data, out, launcher: str, steps: int) -> None:
+    """Two launchers of one process each, meeting on 127.0.0.1 (as two pods of a PyTorchJob would)."""
+    from deploy.stack import free_port
+
+    overrides = _train_overrides(micro_data, out, **{
+        "train.steps": steps, "train.devices": 1, "train.nodes": 2, "train.launcher": launcher,
+        "train.rdzv_endpoint": f"127.0.0.1:{free_port()}"})
+    nodes = [_evaclip_train([*overrides, "--node-rank", str(rank)]) for rank in (1, 0)]  # node 1 may come first
+    outputs = [node.communicate(timeout=900)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-4000:]
+
+
+def test_two_nodes_train_like_one_node_with_two_processes(micro_data, tmp_path):
+    steps = 6
+    one_node = tmp_path / "one-node"
+    process = _evaclip_train(_train_overrides(micro_data, one_node, **{"train.steps": steps}))
+    output = process.communicate(timeout=900)[0]
+    assert process.returncode == 0, output[-4000:]
+    expected = load_file(str(one_node / "model.safetensors"))
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    for launcher in ("torchrun", "deepspeed"):  # c10d rendezvous; DeepSpeed's launcher without ssh
+        out = tmp_path / launcher
+        _two_nodes(micro_data, out, launcher, steps)
+        weights = load_file(str(out / "model.safetensors"))
+        assert weights.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6, msg=f"{launcher}: {key}")
+        # One MLflow run, opened by node 0's launcher, logged by rank 0 wherever the rendezvous put it.
+        run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, steps + 1))
+    experiment = client.get_run(run_id).info.experiment_id
+    assert len(client.search_runs([experiment])) == 3  # one per training, none from node 1
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.precision=fp16", "train.precision: fp16 needs GPUs"),
     ("train.warmup_steps=500", r"train.warmup_steps: 500 exceeds train.steps \(300\)"),
     ("train.init_checkpoint=/nowhere/model.safetensors", "train.init_checkpoint: /nowhere/model.safetensors not found"),
     ("data.output_dir=/nowhere", r"data: no prepared shards in /nowhere/train \(run `evaclip prepare`"),
     ("data.samples_per_epoch=100", "data.samples_per_epoch: 100 is smaller than one global batch"),
+    ("train.nodes=2", "train.rdzv_endpoint: 2 nodes need node 0's HOST:PORT"),
+    ("train.rdzv_endpoint=nohost", "train.rdzv_endpoint: 'nohost' is not HOST:PORT"),
 ])
 def test_a_config_that_cannot_run_fails_before_launch(micro_data, override, message):
     overrides = [f"data.output_dir={micro_data}", override]

@@ -43,6 +43,8 @@ class EvalResult:
     checkpoint: str
     sets: list[SetResult]
     output_dir: Path
+    device: str = "cpu"
+    dtype: str = "float32"  # what the model computed in (the training precision)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -68,6 +70,8 @@ def evaluate(params: Params, checkpoint: str | Path | None = None, progress: boo
     sets = [load_eval_set(path, params.eval.templates) for path in params.eval.sets]  # fail before work
     model = create_model(params.model).eval()
     load_model_weights(model, checkpoint)
+    device, dtype = evaluation_device(params)
+    model.to(device, dtype)
     _, preprocess = create_transforms(params.model.name)
     tokenizer = get_tokenizer(params.model.name)
     results = []
@@ -76,9 +80,17 @@ def evaluate(params: Params, checkpoint: str | Path | None = None, progress: boo
         result = run(model, evalset, preprocess, tokenizer, params.eval.batch_size, progress)
         result.path, result.identity = str(path), evalset.identity
         results.append(result)
-    out = EvalResult(str(checkpoint), results, Path(params.eval.output_dir))
+    out = EvalResult(str(checkpoint), results, Path(params.eval.output_dir), str(device),
+                     str(next(model.parameters()).dtype).removeprefix("torch."))
     write_reports(out)
     return out
+
+
+def evaluation_device(params: Params) -> tuple[torch.device, torch.dtype]:
+    """Where and in what precision training ran: the first GPU if there is one, in `train.precision`."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[params.train.precision]
+    return device, dtype
 
 
 def _batches(samples: Iterator, preprocess, batch_size: int):
@@ -128,12 +140,16 @@ def zero_shot_classification(model, evalset: EvalSet, preprocess, tokenizer, bat
 
 @torch.no_grad()
 def retrieval(model, evalset: EvalSet, preprocess, tokenizer, batch_size: int, progress: bool = False) -> SetResult:
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, parameter.dtype
     image_features, text_features, text_owner = [], [], []
     offset = 0
     for images, captions in _tqdm(_batches(evalset.samples(), preprocess, batch_size), progress, evalset.name):
-        image_features.append(torch.nn.functional.normalize(model.encode_image(images), dim=-1))
+        encoded = model.encode_image(images.to(device, dtype)).float()
+        image_features.append(torch.nn.functional.normalize(encoded, dim=-1).cpu())
         for index, caption_list in enumerate(captions):
-            text_features.append(torch.nn.functional.normalize(model.encode_text(tokenizer(caption_list)), dim=-1))
+            encoded = model.encode_text(tokenizer(caption_list).to(device)).float()
+            text_features.append(torch.nn.functional.normalize(encoded, dim=-1).cpu())
             text_owner += [offset + index] * len(caption_list)  # which image each caption describes
         offset += len(captions)
     images, texts = torch.cat(image_features), torch.cat(text_features)
@@ -160,7 +176,8 @@ def _tqdm(iterable, enabled: bool, name: str):
 def write_reports(result: EvalResult) -> None:
     out = result.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"checkpoint": result.checkpoint, "metrics": result.metrics,
+    summary = {"checkpoint": result.checkpoint, "device": result.device, "dtype": result.dtype,
+               "metrics": result.metrics,
                "sets": [{"name": s.name, "path": s.path, "kind": s.kind, "metrics": s.metrics} for s in result.sets]}
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     for s in result.sets:

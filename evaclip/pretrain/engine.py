@@ -8,7 +8,6 @@ embeddings and the mask token; linear warmup then cosine. Rank 0 writes the EVA 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from ..data import make_train_loader
 from ..model import create_transforms
 from ..optim import lr_multiplier
 from ..train.callbacks import Callback
+from ..train.distributed import init_distributed
 from ..train.ds_config import clip_gradients, deepspeed_config
 from .masking import batch_block_masks
 from .mim import MIMStudent, load_teacher, mim_loss
@@ -55,10 +55,7 @@ def pretrain(params: Params, callbacks: list[Callback] = ()) -> PretrainResult:
     from timm.optim import param_groups_weight_decay
 
     cfg = engine_config(params)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = init_distributed()
     callbacks = list(callbacks) if rank == 0 else []
 
     torch.manual_seed(cfg.seed)

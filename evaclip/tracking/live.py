@@ -75,20 +75,31 @@ def _fail_orphan(client, run_file: Path, keep: Optional[str]) -> None:
 
 
 class MlflowLogger(BaseCallback):
-    """Rank 0's metrics and checkpoints into the launcher's run (see `open_run`)."""
+    """Rank 0's metrics and checkpoints into the launcher's run (see `open_run`).
 
-    def __init__(self, run_id: str, stage: str = "train"):
-        self.run_id, self.stage = run_id, stage
+    The run id comes from the environment, read at the start of training: on several nodes it reaches rank 0
+    from node 0's launcher once the ranks have joined (`train/distributed.py`). Without one it logs nothing.
+    """
+
+    def __init__(self, stage: str = "train", run_id: Optional[str] = None):
+        self.stage, self.run_id = stage, run_id
 
     def on_train_start(self, info):
+        self.run_id = self.run_id or os.environ.get(RUN_ID_ENV)
+        if self.run_id is None:
+            return
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
         mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(self.run_id).info.experiment_id)
         self.run = mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
 
     def on_step(self, step, metrics):
+        if self.run_id is None:
+            return
         mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in metrics.items()}, step=step, synchronous=False)
 
     def on_checkpoint(self, step, path):
+        if self.run_id is None:
+            return
         mlflow.flush_async_logging()
         model = mlflow.initialize_logged_model(name=f"{self.stage}-checkpoint", source_run_id=self.run_id,
                                                params={"step": str(step), "path": str(path)},
@@ -97,6 +108,8 @@ class MlflowLogger(BaseCallback):
         mlflow.MlflowClient().finalize_logged_model(model.model_id, "READY")
 
     def on_train_end(self, info):
+        if self.run_id is None:
+            return
         if info.get("data_quality"):
             mlflow.log_dict(info["data_quality"], "data_quality.json")
         mlflow.flush_async_logging()

@@ -25,6 +25,7 @@ from ..model import create_model, create_transforms, get_tokenizer, set_token_ma
 from ..optim import Lamb, create_optimizer, lr_multiplier
 from . import checkpoints
 from .callbacks import Callback
+from .distributed import init_distributed
 from .ds_config import clip_gradients, deepspeed_config
 
 DATA_REPORT = "data_report.json"  # shards skipped on every rank, and rank 0's share of each shard set
@@ -55,10 +56,7 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
     from open_clip.loss import ClipLoss
 
     cfg = params.train
-    if torch.cuda.is_available():  # before anything touches CUDA: each rank on its own GPU
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = init_distributed()
     callbacks = list(callbacks) if rank == 0 else []
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
@@ -73,6 +71,7 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
     )
     if isinstance(optimizer, Lamb) and cfg.zero_stage > 0:
         optimizer.attach_zero_partitions(engine.optimizer)  # per-tensor trust ratios under ZeRO
+    deepspeed_checks_overflow = _check_overflow_in_deepspeed(engine)
     device = engine.device
 
     recipe = run_recipe(params, start)
@@ -115,15 +114,8 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
             image_features, text_features, logit_scale = engine(images.to(device, dtype), texts.to(device))
             # The contrastive loss in fp32 whatever the compute precision: its logits span a wide range.
             loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
-            if not _finite_everywhere(loss, device):
-                # Skip on every rank alike, keep the last good checkpoint untouched.
-                nonfinite += 1
-                if nonfinite > cfg.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{nonfinite} consecutive non-finite losses at step {state['step']} "
-                        f"(train.max_nonfinite_steps={cfg.max_nonfinite_steps}); last good checkpoint: "
-                        f"{checkpoints.latest_checkpoint(cfg.output_dir)}"
-                    )
+            if not deepspeed_checks_overflow and not _finite_everywhere(loss, device):
+                nonfinite = _count_nonfinite(nonfinite, cfg, state)
                 _skip_batch(state, cfg, world)
                 continue
             engine.backward(loss)
@@ -134,16 +126,17 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
             micro += 1
             if micro % cfg.grad_accum_steps:
                 continue
-            # fp16: DeepSpeed's dynamic loss scaler skips a step whose gradients overflowed.
-            nonfinite = 0 if engine.was_step_applied() else nonfinite + 1
-            if nonfinite > cfg.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"{nonfinite} consecutive overflowing fp16 steps at step {state['step']}; last good checkpoint: "
-                    f"{checkpoints.latest_checkpoint(cfg.output_dir)}"
-                )
-            loss_value = loss.item()
+            # DeepSpeed skipped the step on every rank alike if any gradient was non-finite (its overflow
+            # check, already a host sync); the step does not count and the last good checkpoint stays.
+            if deepspeed_checks_overflow and not engine.was_step_applied():
+                nonfinite = _count_nonfinite(nonfinite, cfg, state)
+                continue
+            nonfinite = 0
             state["step"] += 1
-            if callbacks and (state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps):
+            logged = state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps
+            if logged:
+                loss_value = loss.item()  # the only host sync besides DeepSpeed's: every log_every steps
+            if callbacks and logged:
                 elapsed, tick = time.perf_counter() - tick, time.perf_counter()
                 steps_done, last_logged = state["step"] - last_logged, state["step"]
                 metrics = _metrics(loss_value, engine, logit_scale, cfg, elapsed, masking, steps_done)
@@ -230,6 +223,29 @@ def _skip_batch(state: dict, cfg, world: int) -> None:
     consumed = cfg.batch_size * world
     state["samples_seen"] += consumed
     state["samples_in_epoch"] += consumed
+
+
+def _check_overflow_in_deepspeed(engine) -> bool:
+    """Let DeepSpeed's ZeRO optimizer find non-finite gradients in every precision, not only fp16/bf16.
+
+    Its check (one all-reduce and `.item()` per step) is the only host sync a step needs: a non-finite loss
+    gives non-finite gradients, and the step is skipped on every rank. ZeRO-0 has no such check; there we
+    all-reduce a finiteness flag per step instead (`_finite_everywhere`)."""
+    if not hasattr(engine.optimizer, "check_grad_overflow"):
+        return False
+    engine.optimizer.check_grad_overflow = True
+    return True
+
+
+def _count_nonfinite(nonfinite: int, cfg, state: dict) -> int:
+    nonfinite += 1
+    if nonfinite > cfg.max_nonfinite_steps:
+        raise NonFiniteLossError(
+            f"{nonfinite} consecutive non-finite losses at step {state['step']} "
+            f"(train.max_nonfinite_steps={cfg.max_nonfinite_steps}); last good checkpoint: "
+            f"{checkpoints.latest_checkpoint(cfg.output_dir)}"
+        )
+    return nonfinite
 
 
 def _finite_everywhere(loss: torch.Tensor, device) -> bool:

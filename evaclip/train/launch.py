@@ -1,8 +1,10 @@
 """`evaclip train`: check that the run can work, then start one process per device.
 
 One GPU, many GPUs or CPU processes: `torchrun --nproc_per_node train.devices` (or DeepSpeed's
-launcher). Many nodes: run the same command on each node with `--nnodes`/`--node_rank`/`--master_addr`
-(torchrun), or give DeepSpeed's launcher a hostfile.
+launcher). Several nodes (`train.nodes`): every node runs `evaclip train --node-rank R` and meets the
+others at `train.rdzv_endpoint` (torchrun's c10d rendezvous, or DeepSpeed's launcher in its --no_ssh
+mode); or node 0 alone starts them all through DeepSpeed's launcher and a hostfile (pdsh/ssh).
+Only node 0's launcher opens and closes the MLflow run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Optional
 import torch
 import yaml
 
+from ..checkpoint import atomic_write_text
 from ..config import Params
 from ..errors import ConfigError, EvaclipError
 from ..model import model_config
@@ -45,8 +48,8 @@ def check_runnable(params: Params) -> None:
             f"data.samples_per_epoch: {samples} is smaller than one global batch "
             f"(train.batch_size {cfg.batch_size} x {world} processes x {cfg.grad_accum_steps} accumulation)"
         )
-    if cfg.nodes > 1 and cfg.launcher == "deepspeed" and cfg.hostfile is None:
-        raise ConfigError("train.hostfile: several nodes with the deepspeed launcher need a hostfile")
+    if cfg.nodes > 1 or cfg.rdzv_endpoint:
+        rendezvous_endpoint(cfg)
     if cfg.warmup_steps > cfg.steps:
         raise ConfigError(f"train.warmup_steps: {cfg.warmup_steps} exceeds train.steps ({cfg.steps})")
     start = init_checkpoint(params)
@@ -96,8 +99,27 @@ def _resumed_run_id(params: Params) -> Optional[str]:
     return state.get("mlflow_run_id")
 
 
+def rendezvous_endpoint(cfg) -> tuple[str, int]:
+    """Where the nodes meet: `train.rdzv_endpoint`, else MASTER_ADDR/MASTER_PORT (PyTorchJob, TrainJob)."""
+    endpoint = cfg.rdzv_endpoint
+    if endpoint is None and (os.environ.get("MASTER_ADDR") or os.environ.get("PET_MASTER_ADDR")):
+        host = os.environ.get("MASTER_ADDR") or os.environ["PET_MASTER_ADDR"]
+        endpoint = f"{host}:{os.environ.get('MASTER_PORT') or os.environ.get('PET_MASTER_PORT') or 29500}"
+    if endpoint is None:
+        raise ConfigError(f"train.rdzv_endpoint: {cfg.nodes} nodes need node 0's HOST:PORT (or MASTER_ADDR set)")
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"train.rdzv_endpoint: {endpoint!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def node_rank_from_env() -> int:
+    """This node's rank: NODE_RANK, or PET_NODE_RANK (what Kubeflow's operators set), else 0."""
+    return int(os.environ.get("NODE_RANK") or os.environ.get("PET_NODE_RANK") or 0)
+
+
 def launch_command(params_file: Path, params: Params, master_port: Optional[int] = None,
-                   module: str = "evaclip.train.worker") -> list[str]:
+                   module: str = "evaclip.train.worker", node_rank: int = 0) -> list[str]:
     cfg = params.train
     if cfg.launcher == "deepspeed":
         beside_python = Path(sys.executable).parent / "deepspeed"  # the venv's, even when not activated
@@ -105,43 +127,57 @@ def launch_command(params_file: Path, params: Params, master_port: Optional[int]
         if launcher is None:
             raise ConfigError("train.launcher: the `deepspeed` launcher is not installed here; use torchrun")
         cmd = [launcher, "--num_gpus", str(cfg.devices)]
-        if cfg.hostfile is not None:
-            cmd += ["--hostfile", str(cfg.hostfile), "--num_nodes", str(cfg.nodes)]
-        if master_port:
+        if cfg.nodes > 1:
+            host, port = rendezvous_endpoint(cfg)
+            cmd += ["--num_nodes", str(cfg.nodes), "--master_addr", host, "--master_port", str(port)]
+            if cfg.hostfile is not None:  # node 0 starts every node over pdsh/ssh
+                cmd += ["--hostfile", str(cfg.hostfile)]
+            else:  # each node starts its own ranks; the hostfile only tells the launcher the world's shape
+                hostfile = Path(params_file).parent / f"hostfile.node{node_rank}"
+                hostfile.write_text("".join(f"node{i} slots={cfg.devices}\n" for i in range(cfg.nodes)))
+                cmd += ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank)]
+        elif master_port:
             cmd += ["--master_port", str(master_port)]
         return cmd + ["--module", module, "--params", str(params_file)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.devices)]
-    if cfg.nodes == 1:
-        cmd += ["--standalone"] if not master_port else ["--master_port", str(master_port)]
+    if cfg.nodes > 1:  # c10d: no static master; the ranks are given out as nodes join
+        host, port = rendezvous_endpoint(cfg)
+        cmd += ["--nnodes", str(cfg.nodes), "--node-rank", str(node_rank), "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"{host}:{port}", "--rdzv-id", f"evaclip-{module.split('.')[1]}"]
     else:
-        cmd += ["--nnodes", str(cfg.nodes)]  # with --node_rank/--master_addr from the environment
+        cmd += ["--standalone"] if not master_port else ["--master_port", str(master_port)]
     return cmd + ["-m", module, "--params", str(params_file)]
 
 
 def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict] = None,
-           on_output: Optional[Callable[[str], None]] = None, stage: str = "train") -> Path:
+           on_output: Optional[Callable[[str], None]] = None, stage: str = "train",
+           node_rank: Optional[int] = None) -> Path:
     """Validate, write the resolved params beside the outputs, run the launcher; returns the weights' path.
 
     `stage` is `train` (EVA-CLIP) or `pretrain` (masked image modelling, `evaclip.pretrain`).
     `on_output` receives the processes' output line by line (a flow's logger); default: this terminal.
+    `node_rank`: this node's, with `train.nodes > 1` (default: `node_rank_from_env()`).
     """
     module, check, weights = _STAGES[stage]
     check(params)
+    node_rank = node_rank_from_env() if node_rank is None else node_rank
     out = stage_output_dir(params, stage)
     out.mkdir(parents=True, exist_ok=True)
-    params_file = out / "params.resolved.yaml"
-    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    params_file = out / f"params.resolved.node{node_rank}.yaml" if params.train.nodes > 1 else out / "params.resolved.yaml"
+    atomic_write_text(params_file, yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     process_env = dict(os.environ, **(env or {}))
     process_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // params.train.devices)))
     if not torch.cuda.is_available():  # what DeepSpeed would pick, without its warning in every rank's output
         process_env.setdefault("DS_ACCELERATOR", "cpu")
     from ..tracking import live
 
-    run_env = live.open_run(params, stage, out, _resumed_run_id(params) if stage == "train" else None)
-    process_env.update(run_env)
+    run_env = {}
+    if node_rank == 0:  # the other nodes' rank 0 learns the run from it (train/distributed.py)
+        run_env = live.open_run(params, stage, out, _resumed_run_id(params) if stage == "train" else None)
+        process_env.update(run_env)
+        (out / "error.json").unlink(missing_ok=True)
     error_file = out / "error.json"  # written by rank 0 on a known error (see worker.py)
-    error_file.unlink(missing_ok=True)
-    command = launch_command(params_file, params, master_port, module)
+    command = launch_command(params_file, params, master_port, module, node_rank)
     if on_output is None:
         returncode = subprocess.run(command, env=process_env).returncode
     else:
@@ -150,7 +186,8 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
             for line in process.stdout:
                 on_output(line.rstrip())
         returncode = process.returncode
-    live.close_run(params, run_env[live.RUN_ID_ENV], succeeded=returncode == 0)
+    if run_env:
+        live.close_run(params, run_env[live.RUN_ID_ENV], succeeded=returncode == 0)
     if returncode != 0:
         error = EvaclipError(f"{stage} failed (exit code {returncode}); what it saved is kept in {out}")
         if error_file.is_file():

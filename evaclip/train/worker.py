@@ -35,10 +35,10 @@ def run_worker(run, stage: str, argv: list[str] | None = None) -> int:
         from ..eval import PeriodicEvaluation
 
         callbacks.insert(0, PeriodicEvaluation(params))  # before MetricsFile, which records what it adds
-    if os.environ.get("EVACLIP_MLFLOW_RUN_ID") and os.environ.get("RANK", "0") == "0":
-        from ..tracking.live import MlflowLogger  # the launcher's run (tracking/live.py)
+    if os.environ.get("RANK", "0") == "0":
+        from ..tracking.live import MlflowLogger  # the launcher's run (tracking/live.py), if it opened one
 
-        callbacks.append(MlflowLogger(os.environ["EVACLIP_MLFLOW_RUN_ID"], stage))
+        callbacks.append(MlflowLogger(stage))
     try:
         result = run(params, callbacks)
     except EvaclipError as err:

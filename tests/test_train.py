@@ -255,7 +255,7 @@ def _two_nodes(micro_data, out, launcher: str, steps: int) -> None:
         "train.rdzv_endpoint": f"127.0.0.1:{free_port()}"})
     nodes = [_evaclip_train([*overrides, "--node-rank", str(rank)]) for rank in (1, 0)]  # node 1 may come first
     outputs = [node.communicate(timeout=900)[0] for node in nodes]
-    for node, output in zip(nodes, outputs):
+    for node, output in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, output[-4000:]
 
 
@@ -281,6 +281,41 @@ def test_two_nodes_train_like_one_node_with_two_processes(micro_data, tmp_path):
         assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, steps + 1))
     experiment = client.get_run(run_id).info.experiment_id
     assert len(client.search_runs([experiment])) == 3  # one per training, none from node 1
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_run_resumes_on_another_number_of_processes(micro_data, tmp_path, before, after):
+    """ZeRO-1's elastic checkpoint: the optimizer partitions of `before` ranks, re-partitioned for `after`."""
+    import shutil
+
+    global_batch, steps = 32, 8
+    shape = lambda n: {"train.steps": steps, "train.devices": n, "train.batch_size": global_batch // n}  # noqa: E731
+    reference = tmp_path / "reference"
+    process = _evaclip_train(_train_overrides(micro_data, reference, **shape(before)))
+    output = process.communicate(timeout=900)[0]
+    assert process.returncode == 0, output[-4000:]
+    expected = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+
+    resized = tmp_path / "resized"  # the run as it stood at step 4, as if preempted there
+    shutil.copytree(reference, resized, ignore=shutil.ignore_patterns("step_0000008", "model.safetensors"))
+    (resized / "latest").write_text("step_0000004\n")
+    if after == 1:  # another global batch would be another run: refused, naming it
+        process = _evaclip_train(_train_overrides(micro_data, resized, **{**shape(after), "train.batch_size": 16}))
+        output = process.communicate(timeout=900)[0]
+        assert process.returncode != 0 and "(train.global_batch_size changed)" in output, output[-3000:]
+    process = _evaclip_train(_train_overrides(micro_data, resized, **shape(after)))
+    output = process.communicate(timeout=900)[0]
+    assert process.returncode == 0, output[-4000:]
+    resumed = [json.loads(line) for line in (resized / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in resumed] == list(range(1, steps + 1))
+    assert resumed[:4] == expected[:4]  # kept from before the resize
+    assert [m["lr/visual"] for m in resumed[4:]] == pytest.approx([m["lr/visual"] for m in expected[4:]])
+    # The loss goes on from where it was (a fresh start would sit near ln(32) = 3.47 again).
+    first, at_resize = expected[0]["loss"], expected[4]["loss"]
+    assert first - at_resize > 0.2, [m["loss"] for m in expected]
+    assert abs(resumed[4]["loss"] - at_resize) < (first - at_resize) / 2, (resumed[4]["loss"], at_resize, first)
+    weights = load_file(str(resized / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
 
 
 @pytest.mark.parametrize("override, message", [

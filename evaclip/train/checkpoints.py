@@ -1,9 +1,13 @@
 """Training checkpoints: DeepSpeed's own files, written atomically, the last K kept.
 
 A checkpoint is a folder `step_NNNNNNN/` holding DeepSpeed's model and (per-rank, ZeRO-partitioned)
-optimizer states, the LR scheduler and loss scaler, our `trainer_state` (step, samples seen, epoch)
-and every rank's RNG states. It is written under a temporary name and renamed once all ranks are
-done, so a crash at any moment leaves only complete checkpoints; `latest` names the newest.
+optimizer states, the LR scheduler and loss scaler, our `trainer_state` (step, samples seen, epoch,
+world size) and every rank's RNG states. It is written under a temporary name and renamed once all
+ranks are done, so a crash at any moment leaves only complete checkpoints; `latest` names the newest.
+
+A resume on another number of processes converts the checkpoint once into DeepSpeed's universal
+format (`step_NNNNNNN/universal/`: per-parameter fp32 weights and optimizer moments), which any
+ZeRO partitioning loads; DeepSpeed refuses its ZeRO-1 files on another data-parallel size.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import json
 import os
 import random
 import shutil
+import socket
 from pathlib import Path
+from types import MethodType
 from typing import Optional
 
 import numpy as np
@@ -81,10 +87,63 @@ def save(engine, root: Path, state: dict, keep: int, rank_state: Optional[dict] 
     return root / tag
 
 
-def load(engine, path: Path) -> dict:
-    """Restore model, optimizer, scheduler, loss scaler and this rank's RNG; returns the trainer state."""
+UNIVERSAL = "universal"
+
+
+def to_universal(path: Path) -> Path:
+    """Collective: the checkpoint in DeepSpeed's universal format, converted by each node's first rank if
+    absent (nodes need not share a filesystem); the conversion is kept beside the checkpoint."""
     path = Path(path)
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+    target = path / UNIVERSAL
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not target.is_dir():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        work = path / f".{UNIVERSAL}.{socket.gethostname()}.{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        source = _with_scalars_as_vectors(path, work / "source")
+        # One worker: no process pool inside a training rank. Our client state carries no universal-checkpoint
+        # marker, which the converter wants: it injects one.
+        ds_to_universal(Namespace(input_folder=str(source), output_folder=str(work / "out"), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True))
+        for model_states in path.glob("mp_rank_*_model_states.pt"):  # the original metadata, not the view's
+            shutil.copy2(model_states, work / "out" / model_states.name)
+        try:
+            os.replace(work / "out", target)
+        except OSError:  # another node converted it into the same (shared) folder first
+            pass
+        shutil.rmtree(work, ignore_errors=True)
+    dist.barrier()
+    return target
+
+
+def _with_scalars_as_vectors(path: Path, view: Path) -> Path:
+    """The checkpoint as DeepSpeed 0.19.7's converter can read it: it concatenates each parameter's pieces,
+    which fails on 0-dim ones (open_clip's `logit_scale`), so the view records them as shape [1]. The
+    optimizer files are linked, not copied; loading matches the universal files by element count."""
+    view.mkdir(parents=True)
+    for file in path.iterdir():
+        if file.name.startswith("mp_rank_") and file.name.endswith("_model_states.pt"):
+            states = torch.load(file, map_location="cpu", weights_only=False)
+            states["param_shapes"] = [{name: shape if len(shape) else torch.Size([1]) for name, shape in group.items()}
+                                      for group in states["param_shapes"]]
+            torch.save(states, view / file.name)
+        elif file.is_file():
+            os.symlink(file.resolve(), view / file.name)
+    return view
+
+
+def load(engine, path: Path, universal: bool = False) -> dict:
+    """Restore model, optimizer, scheduler, loss scaler and this rank's RNG; returns the trainer state.
+    `universal`: from `to_universal(path)` (the engine was configured with `load_universal`)."""
+    path = Path(path)
+    load_dir, tag = (path, UNIVERSAL) if universal else (path.parent, path.name)
+    if universal:
+        engine.optimizer.load_hp_checkpoint_state_from_checkpoint_dir = MethodType(
+            _load_universal_zero_partition, engine.optimizer)
+    _, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
@@ -96,6 +155,44 @@ def load_rank_state(path: Path) -> dict:
     """What `save` wrote as this rank's `rank_state` ({} for checkpoints without one)."""
     file = Path(path) / f"rank{dist.get_rank()}_state.json"
     return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def has_rank_rng(path: Path) -> bool:
+    """Whether this rank existed when the checkpoint was written (not after a resume on more processes)."""
+    return (Path(path) / f"rng_rank{dist.get_rank()}.pt").is_file()
+
+
+def skipped_shards(path: Path) -> dict[str, str]:
+    """The shards every rank of the saved run had skipped (whatever the number of ranks now)."""
+    skipped: dict[str, str] = {}
+    for file in sorted(Path(path).glob("rank*_state.json")):
+        skipped.update(json.loads(file.read_text()).get("data", {}).get("skipped", {}))
+    return skipped
+
+
+def _load_universal_zero_partition(self, lp_groups_name: str, checkpoint_dir: str) -> None:
+    """DeepSpeed 0.19.7's `load_hp_checkpoint_state_from_checkpoint_dir` for ZeRO-1/2 without tensor or
+    expert parallelism, and with one fix: a rank that owns no element of a parameter group loads only its
+    hyperparameters. DeepSpeed's indexes an empty list there, and open_clip's `logit_scale` is a group of
+    one element, which every rank but the first holds as padding only."""
+    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
+
+    checkpoint_dir = os.path.join(checkpoint_dir, "zero")
+    saved = torch.load(os.path.join(checkpoint_dir, "optimizer_state.pt"), weights_only=False)
+    self._load_global_state(saved)
+    lp_groups = getattr(self, lp_groups_name)
+    for group, saved_group, lp_group in zip(self.optimizer.param_groups, saved["param_groups"], lp_groups,
+                                            strict=True):
+        owned = [lp for lp in lp_group if lp._hp_mapping is not None]
+        steps = [lp.load_hp_checkpoint_state(os.path.join(checkpoint_dir, self.param_names[lp]), 0, 1)
+                 for lp in owned]
+        if owned:
+            flat = group["params"][0]
+            if steps[0] is not None:
+                self.optimizer.state[flat]["step"] = steps[0]
+            keys = {key for lp in owned for key in lp._hp_mapping.get_optim_state_keys()}
+            map_to_flat_opt_states(flat, lp_group, self.optimizer.state, keys)
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
 
 
 def _rng_state() -> dict:

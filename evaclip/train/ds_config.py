@@ -23,7 +23,8 @@ def clip_gradients(engine, cfg: TrainConfig) -> None:
         torch.nn.utils.clip_grad_norm_(engine.module.parameters(), cfg.grad_clip)
 
 
-def deepspeed_config(cfg: TrainConfig) -> dict:
+def deepspeed_config(cfg: TrainConfig, load_universal: bool = False) -> dict:
+    """`load_universal`: the resume reads a universal checkpoint (written on another number of processes)."""
     config = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
@@ -34,6 +35,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
     if cfg.precision == "fp16":
         config["fp16"] = {

@@ -64,9 +64,20 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
     start = init_checkpoint(params)
     if start is not None:
         load_model_weights(model, start)
+    recipe = run_recipe(params, start)
+    state = {"step": 0, "samples_seen": 0, "epoch": 0, "samples_in_epoch": 0, "recipe": recipe,
+             "mlflow_run_id": os.environ.get("EVACLIP_MLFLOW_RUN_ID")}  # a resume continues that run
+    latest = checkpoints.latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    resized = False
+    if latest is not None:
+        saved_state = checkpoints.trainer_state(latest)
+        _check_same_recipe(saved_state.get("recipe", {}), recipe, latest)
+        resized = saved_state.get("world_size", world) != world
+        if resized:
+            checkpoints.to_universal(latest)
     optimizer = create_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg),
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, load_universal=resized),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg)),
     )
     if isinstance(optimizer, Lamb) and cfg.zero_stage > 0:
@@ -74,18 +85,18 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
     deepspeed_checks_overflow = _check_overflow_in_deepspeed(engine)
     device = engine.device
 
-    recipe = run_recipe(params, start)
-    state = {"step": 0, "samples_seen": 0, "epoch": 0, "samples_in_epoch": 0, "recipe": recipe,
-             "mlflow_run_id": os.environ.get("EVACLIP_MLFLOW_RUN_ID")}  # a resume continues that run
-    latest = checkpoints.latest_checkpoint(cfg.output_dir) if cfg.resume else None
     data_report = DataReport()
     if latest is not None:
-        _check_same_recipe(checkpoints.trainer_state(latest).get("recipe", {}), recipe, latest)
-        state = checkpoints.load(engine, latest)  # restores this rank's RNG states too
+        state = checkpoints.load(engine, latest, universal=resized)  # this rank's RNG states too, if it had one
         saved = checkpoints.load_rank_state(latest).get("data", {})
-        data_report.skipped = dict(saved.get("skipped", {}))  # counted against max_skipped_fraction across resumes
-        if saved.get("workers") == params.data.workers:  # where each stream stands: read past, not decoded again
+        # Skipped shards count against max_skipped_fraction across resumes (after a resize: every old rank's).
+        data_report.skipped = checkpoints.skipped_shards(latest) if resized else dict(saved.get("skipped", {}))
+        if saved.get("workers") == params.data.workers and not resized:
+            # where each stream stands: read past, not decoded again. After a resize the epoch's remaining
+            # batches come from the new world's shard split (replayed up to samples_in_epoch).
             data_report.positions = {int(k): v for k, v in saved.get("positions", {}).items()}
+        if not checkpoints.has_rank_rng(latest):
+            torch.manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])  # a rank the checkpoint did not have
     else:
         torch.manual_seed(cfg.seed * 1000 + rank)  # token masking differs per rank
     loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, cache_labels=True,
@@ -146,7 +157,8 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
             if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
                 rank_state = {"data": {"workers": params.data.workers, "positions": data_report.positions,
                                        "skipped": data_report.skipped}}
-                path = checkpoints.save(engine, cfg.output_dir, dict(state), cfg.keep_checkpoints, rank_state)
+                saved_state = {**state, "world_size": world}
+                path = checkpoints.save(engine, cfg.output_dir, saved_state, cfg.keep_checkpoints, rank_state)
                 for callback in callbacks:
                     callback.on_checkpoint(state["step"], path)
             if state["step"] >= cfg.steps:
@@ -175,7 +187,10 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
 # Settings that may change between a run and its resume; everything else must match.
 _RESUMABLE = {"train.resume", "train.output_dir", "train.log_every", "train.checkpoint_every",
               "train.keep_checkpoints", "train.launcher", "train.max_nonfinite_steps", "data.workers",
-              "data.read_retries", "data.retry_delay", "data.near_duplicate_bits", "data.dedup_against_eval"}
+              "data.read_retries", "data.retry_delay", "data.near_duplicate_bits", "data.dedup_against_eval",
+              # where it runs: any number of nodes and processes, as long as the global batch stays (below)
+              "train.devices", "train.nodes", "train.batch_size", "train.grad_accum_steps", "train.hostfile",
+              "train.rdzv_endpoint"}
 # (what deduplication changed is in data.shards: the manifests' exclusion lists are part of it)
 
 
@@ -191,6 +206,7 @@ def run_recipe(params: Params, init_checkpoint: Path | None = None) -> dict[str,
             name = f"{section}.{key}"
             if name not in _RESUMABLE:
                 flat[name] = str(value)
+    flat["train.global_batch_size"] = str(params.train.global_batch_size)
     flat["data.shards"] = data_manifest_version(params.data)
     flat["init.weights"] = sha256(Path(init_checkpoint)) if init_checkpoint else "random"
     return flat

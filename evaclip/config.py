@@ -150,6 +150,9 @@ class TrainConfig(_Section):
     unmasked_tuning_steps: int = Field(0, ge=0, description="FLIP: last N steps without token masking")
     init_checkpoint: Optional[Path] = Field(None, description="default: init.output_dir/model.safetensors if present")
     output_dir: Path = Path("outputs/train")
+    checkpoint_uri: Optional[Location] = Field(
+        None, description="object storage for checkpoints (s3://bucket/prefix): each rank uploads its part after "
+                          "every save, a resume downloads the latest; nodes need no shared filesystem")
     checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints (and one at the end)")
     keep_checkpoints: int = Field(3, gt=0)
     resume: Union[bool, Literal["if_same"]] = Field(
@@ -169,6 +172,14 @@ class TrainConfig(_Section):
     @property
     def global_batch_size(self) -> int:
         return self.batch_size * self.devices * self.nodes * self.grad_accum_steps
+
+    @field_validator("checkpoint_uri")
+    @classmethod
+    def _object_storage(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and ("://" not in value or value.startswith(("file://", "pipe:"))):
+            raise ValueError(f"{value!r} is not an object-storage URL (s3://bucket/prefix); "
+                             "for a local folder use train.output_dir")
+        return value.rstrip("/") if value else value
 
     @model_validator(mode="after")
     def _tuning_fits(self) -> TrainConfig:

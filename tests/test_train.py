@@ -283,6 +283,59 @@ def test_two_nodes_train_like_one_node_with_two_processes(micro_data, tmp_path):
     assert len(client.search_runs([experiment])) == 3  # one per training, none from node 1
 
 
+def test_checkpoints_on_object_storage_need_no_shared_filesystem(micro_data, tmp_path, monkeypatch):
+    """Every rank's ZeRO partition reaches S3; a node with an empty disk resumes from there."""
+    from .test_streaming import S3Server
+
+    (tmp_path / "s3" / "bucket").mkdir(parents=True)
+    server = S3Server(tmp_path / "s3", watch_folder=False)
+    server.start()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.port}")
+    try:
+        uri = "s3://bucket/runs/one"
+        straight = tmp_path / "straight"
+        process = _evaclip_train(_train_overrides(micro_data, straight, **{"train.steps": 8,
+                                                                             "train.checkpoint_uri": uri}))
+        output = process.communicate(timeout=900)[0]
+        assert process.returncode == 0, output[-4000:]
+        remote = tmp_path / "s3" / "bucket" / "runs" / "one"
+        assert (remote / "latest").read_text().strip() == "step_0000008"
+        assert sorted(p.name for p in remote.glob("step_*")) == ["step_0000004", "step_0000008"]  # keep 2
+        local_files = sorted(p.name for p in (straight / "step_0000008").iterdir())
+        assert sorted(p.name for p in (remote / "step_0000008").iterdir()) == local_files
+        assert {"rng_rank0.pt", "rng_rank1.pt"} <= set(local_files)
+        assert sum("zero_pp_rank_" in name for name in local_files) == 2  # both ranks' optimizer partitions
+
+        # A new pod, preempted runs elsewhere: the store names step 4; the local disk is empty.
+        from evaclip.data.storage import filesystem
+
+        store, base = filesystem(uri)
+        store.rm(f"{base}/step_0000008", recursive=True)
+        store.pipe_file(f"{base}/latest", b"step_0000004\n")
+        fresh = tmp_path / "fresh"
+        process = _evaclip_train(_train_overrides(micro_data, fresh, **{"train.steps": 8,
+                                                                          "train.checkpoint_uri": uri}))
+        output = process.communicate(timeout=900)[0]
+        assert process.returncode == 0, output[-4000:]
+        steps = [json.loads(line)["step"] for line in (fresh / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [5, 6, 7, 8]  # resumed at step 4
+        expected, resumed = load_file(str(straight / "model.safetensors")), load_file(str(fresh / "model.safetensors"))
+        for key, value in expected.items():
+            torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
+        assert (remote / "latest").read_text().strip() == "step_0000008"
+
+        server.stop()  # an unreachable store: a clear error before any process starts
+        process = _evaclip_train(_train_overrides(micro_data, tmp_path / "down", **{"train.steps": 8,
+                                                                                      "train.checkpoint_uri": uri}))
+        output = process.communicate(timeout=900)[0]
+        assert process.returncode != 0 and f"train.checkpoint_uri: cannot read {uri}/latest" in output, output[-3000:]
+    finally:
+        if server.process.poll() is None:
+            server.stop()
+
+
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
 def test_a_run_resumes_on_another_number_of_processes(micro_data, tmp_path, before, after):
     """ZeRO-1's elastic checkpoint: the optimizer partitions of `before` ranks, re-partitioned for `after`."""

@@ -5,6 +5,11 @@ optimizer states, the LR scheduler and loss scaler, our `trainer_state` (step, s
 world size) and every rank's RNG states. It is written under a temporary name and renamed once all
 ranks are done, so a crash at any moment leaves only complete checkpoints; `latest` names the newest.
 
+With `train.checkpoint_uri` (object storage), DeepSpeed still writes locally; then each rank uploads
+the files it wrote (its ZeRO partition, RNG and data state; rank 0 the model and trainer state), and
+the remote `latest` moves only once every rank's upload succeeded. Before a resume, each node's
+launcher downloads the newest checkpoint (`fetch_latest`): nodes need no shared filesystem.
+
 A resume on another number of processes converts the checkpoint once into DeepSpeed's universal
 format (`step_NNNNNNN/universal/`: per-parameter fp32 weights and optimizer moments), which any
 ZeRO partitioning loads; DeepSpeed refuses its ZeRO-1 files on another data-parallel size.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -133,6 +139,80 @@ def _with_scalars_as_vectors(path: Path, view: Path) -> Path:
         elif file.is_file():
             os.symlink(file.resolve(), view / file.name)
     return view
+
+
+_RANK_FILES = re.compile(r"^(?:zero_pp_rank_(\d+)_.*|rng_rank(\d+)\.pt|rank(\d+)_state\.json)$")
+
+
+def _owner(name: str) -> int:
+    """The rank that wrote a checkpoint file: its own partition and state files; rank 0 the rest."""
+    match = _RANK_FILES.match(name)
+    return int(next(group for group in match.groups() if group is not None)) if match else 0
+
+
+def upload(path: Path, uri: str, keep: int) -> bool:
+    """Collective, after `save`: every rank uploads its files of checkpoint `path` to `uri`/<tag>/; rank 0 then
+    points `uri`/latest at it and drops the remote checkpoints past the newest `keep`. Returns whether the
+    upload succeeded everywhere; a failure leaves the remote `latest` where it was (and the local copy)."""
+    from ..data.storage import filesystem
+
+    path, rank = Path(path), dist.get_rank()
+    fs, base = filesystem(uri)
+    error = None
+    try:
+        for file in sorted(p for p in path.iterdir() if p.is_file() and _owner(p.name) == rank):
+            fs.put_file(str(file), f"{base}/{path.name}/{file.name}")
+    except Exception as err:  # noqa: BLE001 - any store error: reported, the run goes on from the local copy
+        error = f"rank {rank}: {type(err).__name__}: {err}"
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    errors = [e for e in errors if e]
+    if rank == 0 and not errors:
+        fs.pipe_file(f"{base}/{LATEST}", (path.name + "\n").encode())
+        remote = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
+        older = [tag for tag in remote if tag.startswith("step_") and tag < path.name]
+        for tag in older[: max(0, len(older) - (keep - 1))]:
+            fs.rm(f"{base}/{tag}", recursive=True)
+    elif rank == 0:
+        print(f"warning: checkpoint {path.name} not uploaded to {uri} ({'; '.join(errors)}); it is kept in "
+              f"{path.parent}, and {uri}/{LATEST} still names the previous one", flush=True)
+    dist.barrier()
+    return not errors
+
+
+def fetch_latest(uri: str, root: Path) -> Optional[Path]:
+    """Before a resume, on each node: download the checkpoint that `uri`/latest names into `root`, unless the
+    local one is as new. Returns the local latest checkpoint."""
+    from ..data.storage import filesystem
+    from ..errors import EvaclipError
+
+    root = Path(root)
+    fs, base = filesystem(uri)
+    try:
+        tag = fs.cat_file(f"{base}/{LATEST}").decode().strip()
+    except FileNotFoundError:
+        return latest_checkpoint(root)  # nothing uploaded yet
+    except Exception as err:  # noqa: BLE001 - unreachable, refused: say which store
+        raise EvaclipError(f"train.checkpoint_uri: cannot read {uri}/{LATEST}: {type(err).__name__}: {err}") from err
+    local = latest_checkpoint(root)
+    if local is not None and local.name >= tag:
+        return local
+    if not (root / tag).is_dir():
+        work = root / f".download-{tag}.{socket.gethostname()}.{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        for remote in fs.find(f"{base}/{tag}"):
+            relative = remote[len(f"{base}/{tag}/"):]
+            (work / relative).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(remote, str(work / relative))
+        try:
+            os.replace(work, root / tag)
+        except OSError:  # another node of a shared filesystem was first
+            shutil.rmtree(work, ignore_errors=True)
+    pointer = root / f".{LATEST}.{os.getpid()}.tmp"
+    pointer.write_text(tag + "\n")
+    os.replace(pointer, root / LATEST)
+    return root / tag
 
 
 def load(engine, path: Path, universal: bool = False) -> dict:

@@ -159,6 +159,8 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
                                        "skipped": data_report.skipped}}
                 saved_state = {**state, "world_size": world}
                 path = checkpoints.save(engine, cfg.output_dir, saved_state, cfg.keep_checkpoints, rank_state)
+                if cfg.checkpoint_uri:
+                    checkpoints.upload(path, cfg.checkpoint_uri, cfg.keep_checkpoints)
                 for callback in callbacks:
                     callback.on_checkpoint(state["step"], path)
             if state["step"] >= cfg.steps:
@@ -190,7 +192,7 @@ _RESUMABLE = {"train.resume", "train.output_dir", "train.log_every", "train.chec
               "data.read_retries", "data.retry_delay", "data.near_duplicate_bits", "data.dedup_against_eval",
               # where it runs: any number of nodes and processes, as long as the global batch stays (below)
               "train.devices", "train.nodes", "train.batch_size", "train.grad_accum_steps", "train.hostfile",
-              "train.rdzv_endpoint"}
+              "train.rdzv_endpoint", "train.checkpoint_uri"}
 # (what deduplication changed is in data.shards: the manifests' exclusion lists are part of it)
 
 

@@ -161,6 +161,8 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
     module, check, weights = _STAGES[stage]
     check(params)
     node_rank = node_rank_from_env() if node_rank is None else node_rank
+    if stage == "train" and params.train.checkpoint_uri and params.train.resume:
+        checkpoints.fetch_latest(params.train.checkpoint_uri, params.train.output_dir)  # this node's copy
     out = stage_output_dir(params, stage)
     out.mkdir(parents=True, exist_ok=True)
     params_file = out / f"params.resolved.node{node_rank}.yaml" if params.train.nodes > 1 else out / "params.resolved.yaml"

@@ -120,6 +120,25 @@ class DataConfig(_Section):
         return templates
 
 
+class KubernetesConfig(_Section):
+    """`train.launcher: trainjob`: the run as one Kubeflow Trainer TrainJob of train.nodes pods."""
+
+    namespace: str = "default"
+    image: Optional[str] = Field(None, description="the evaclip image (docker/Dockerfile); default: $EVACLIP_IMAGE")
+    runtime: str = Field("torch-distributed", description="the ClusterTrainingRuntime (Kubeflow Trainer v2)")
+    volumes: dict[str, str] = Field(
+        default_factory=dict, description="mount path -> PersistentVolumeClaim, e.g. /app/outputs: evaclip-outputs "
+                                          "(ReadWriteMany: the pipeline's pod mounts it too and reads the model there)")
+    env_from_secrets: list[str] = Field(
+        default_factory=list, description="SECRET:KEY entries: a Secret's key the pods get as the variable KEY "
+                                          "(AWS_ACCESS_KEY_ID, MLFLOW_TRACKING_PASSWORD, ...)")
+    service_account: Optional[str] = None
+    cpu: Optional[str] = Field(None, description="per node, e.g. '96'")
+    memory: Optional[str] = Field(None, description="per node, e.g. '1000Gi'")
+    shm_size: str = Field("64Gi", description="/dev/shm of each pod (DataLoader workers, NCCL)")
+    poll_seconds: float = Field(10.0, gt=0)
+
+
 class TrainConfig(_Section):
     optimizer: Literal["lamb", "adamw"] = "lamb"
     lr: float = Field(5e-4, gt=0, description="learning rate of parameters outside both towers")
@@ -160,7 +179,9 @@ class TrainConfig(_Section):
                           "recipe, else start over (dvc.yaml's train stage)")
     max_nonfinite_steps: int = Field(10, ge=0, description="consecutive non-finite steps tolerated")
     log_every: int = Field(10, gt=0)
-    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    launcher: Literal["torchrun", "deepspeed", "trainjob"] = Field(
+        "torchrun", description="trainjob: submit the run to Kubernetes as a Kubeflow TrainJob (train.kubernetes)")
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
     hostfile: Optional[Path] = Field(
         None, description="several nodes, launcher deepspeed: its hostfile, started from node 0 over pdsh/ssh; "
                           "without one every node runs `evaclip train --node-rank R` (DeepSpeed's --no_ssh)")

@@ -197,6 +197,8 @@ def with_overrides(text: str, overrides: list[str], where: Path) -> str:
 
 def _set_changed(document: Any, before: dict, after: dict) -> None:
     for key, value in after.items():
+        if before.get(key) == value:
+            continue  # unchanged, whether or not the file spells it out
         if isinstance(value, dict) and isinstance(before.get(key), dict):
             if key not in document:
                 document[key] = {}

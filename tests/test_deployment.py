@@ -67,13 +67,16 @@ def test_the_gpu_cluster_job_requests_gpus_shared_memory_and_volumes(rendered_jo
     pod = rendered_job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "registry.example/evaclip:1"
-    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 8
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1  # evaluation; training is the TrainJob
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
     assert volumes[mounts["/app/outputs"]]["persistentVolumeClaim"]["claimName"] == "evaclip-outputs"
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["MLFLOW_TRACKING_URI"].startswith("http://mlflow")
+    # The TrainJob's pods run the flow pod's own image (`prefect deploy` fills both from $EVACLIP_IMAGE).
+    assert env["EVACLIP_IMAGE"] == _deployments()["gpu-cluster"]["work_pool"]["job_variables"]["image"]
+    assert volumes[mounts["/assets"]]["persistentVolumeClaim"]["claimName"] == "evaclip-assets"
 
 
 def test_the_rendered_job_is_a_valid_kubernetes_job(rendered_job):
@@ -94,9 +97,73 @@ def test_the_rendered_job_is_a_valid_kubernetes_job(rendered_job):
     assert asyncio.run(round_trip()) == expected
 
 
-def test_the_gpu_cluster_training_fits_one_pod():
-    parameters = PipelineParameters(**_deployments()["gpu-cluster"]["parameters"]["parameters"])
-    params = resolve(parameters)
-    gpus = _deployments()["gpu-cluster"]["work_pool"]["job_variables"]["gpus"]
-    assert params.train.devices == gpus and params.train.nodes == 1 and params.train.precision == "bf16"
+@pytest.fixture(scope="module")
+def gpu_cluster_params():
+    return resolve(PipelineParameters(**_deployments()["gpu-cluster"]["parameters"]["parameters"]))
+
+
+def test_the_gpu_cluster_trains_eva02_clip_b16_as_one_trainjob(gpu_cluster_params):
+    params = gpu_cluster_params
+    assert params.train.launcher == "trainjob" and params.train.nodes == 8 and params.train.devices == 8
+    assert params.train.precision == "bf16" and params.model.attention == "sdpa"  # the image has no flash-attn
     assert params.model.name == load_params(profile_path("eva02-clip-b16")).model.name
+    # Everything the run reads is in a volume the deployment declares, or in object storage.
+    mounted = ["/app/outputs", "/app/outputs/data", "/assets"]
+    assert sorted(params.train.kubernetes.volumes) == mounted
+    for path in (params.init.vision, params.init.text, *params.eval.sets):
+        assert str(path).startswith("/assets/"), path
+    assert all(entry.path.startswith("s3://") for entry in params.data.mix)
+    assert params.train.checkpoint_uri.startswith("s3://")
+
+
+def test_the_trainjob_manifest_is_valid_for_kubeflow_trainer(gpu_cluster_params, monkeypatch):
+    """Kubeflow Trainer's own pydantic models: a misspelt field would not survive the round trip."""
+    from kubeflow_trainer_api.models.trainer_v1alpha1_train_job import TrainerV1alpha1TrainJob
+
+    from evaclip.train.kubernetes import PARAMS_ENV, trainjob_manifest
+
+    monkeypatch.setenv("EVACLIP_IMAGE", "registry.example/evaclip:1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.evaclip.svc:9000")
+    run_env = {"EVACLIP_MLFLOW_RUN_ID": "abc", "MLFLOW_TRACKING_URI": "http://mlflow.evaclip.svc:5000"}
+    manifest = trainjob_manifest(gpu_cluster_params, "evaclip-eva02-1", run_env)
+    assert TrainerV1alpha1TrainJob.from_dict(manifest).to_dict() == manifest
+
+    trainer = manifest["spec"]["trainer"]
+    assert manifest["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    assert trainer["numNodes"] == 8 and trainer["numProcPerNode"] == 8
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
+    env = {e["name"]: e for e in trainer["env"]}
+    # The pods train with the submitted params, through torchrun's c10d rendezvous at node 0 (PET_* from the runtime).
+    in_pod = load_params(_write(env[PARAMS_ENV]["value"]))
+    assert in_pod.train.launcher == "torchrun" and in_pod.train.nodes == 8
+    assert in_pod.model_dump(exclude={"train"}) == gpu_cluster_params.model_dump(exclude={"train"})
+    assert env["EVACLIP_MLFLOW_RUN_ID"]["value"] == "abc"  # rank 0 logs into the submitter's run
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.evaclip.svc:9000"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "evaclip-s3",
+                                                                         "key": "AWS_SECRET_ACCESS_KEY"}
+    assert "AWS_SECRET_ACCESS_KEY" not in {k for k, e in env.items() if "value" in e}  # never a literal secret
+    (job,) = manifest["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = job["template"]["spec"]["template"]["spec"]
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    mounts = {m["mountPath"]: claims.get(m["name"]) for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts == {"/app/outputs": "evaclip-outputs", "/app/outputs/data": "evaclip-data",
+                      "/assets": "evaclip-assets", "/dev/shm": None}
+    assert pod["serviceAccountName"] == "evaclip"
+
+
+def test_a_trainjob_needs_an_image(gpu_cluster_params, monkeypatch):
+    from evaclip.errors import ConfigError
+    from evaclip.train.kubernetes import trainjob_manifest
+
+    monkeypatch.delenv("EVACLIP_IMAGE", raising=False)
+    with pytest.raises(ConfigError, match="train.kubernetes.image"):
+        trainjob_manifest(gpu_cluster_params, "x", {})
+
+
+def _write(text: str):
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp()) / "params.yaml"
+    path.write_text(text)
+    return path

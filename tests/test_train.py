@@ -285,6 +285,8 @@ def test_two_nodes_train_like_one_node_with_two_processes(micro_data, tmp_path):
 
 def test_checkpoints_on_object_storage_need_no_shared_filesystem(micro_data, tmp_path, monkeypatch):
     """Every rank's ZeRO partition reaches S3; a node with an empty disk resumes from there."""
+    from evaclip.train import checkpoints
+
     from .test_streaming import S3Server
 
     (tmp_path / "s3" / "bucket").mkdir(parents=True)
@@ -325,6 +327,10 @@ def test_checkpoints_on_object_storage_need_no_shared_filesystem(micro_data, tmp
         for key, value in expected.items():
             torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
         assert (remote / "latest").read_text().strip() == "step_0000008"
+        handed = tmp_path / "handed"  # what a TrainJob's submitter fetches for evaluation
+        checkpoints.fetch_outputs(uri, handed)
+        assert (handed / "model.safetensors").read_bytes() == (fresh / "model.safetensors").read_bytes()
+        assert (handed / "metrics.jsonl").read_text() == (fresh / "metrics.jsonl").read_text()
 
         server.stop()  # an unreachable store: a clear error before any process starts
         process = _evaclip_train(_train_overrides(micro_data, tmp_path / "down", **{"train.steps": 8,

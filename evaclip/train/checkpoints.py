@@ -215,6 +215,29 @@ def fetch_latest(uri: str, root: Path) -> Optional[Path]:
     return root / tag
 
 
+RUN_OUTPUTS = ("model.safetensors", "metrics.jsonl", "metrics.csv", "data_report.json")
+
+
+def upload_outputs(out: Path, uri: str) -> None:
+    """Rank 0, at the end: the run's outputs beside its checkpoints (what a TrainJob hands to evaluation)."""
+    from ..data.storage import filesystem
+
+    fs, base = filesystem(uri)
+    for name in RUN_OUTPUTS:
+        if (Path(out) / name).is_file():
+            fs.put_file(str(Path(out) / name), f"{base}/outputs/{name}")
+
+
+def fetch_outputs(uri: str, out: Path) -> None:
+    from ..data.storage import filesystem
+
+    fs, base = filesystem(uri)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for name in RUN_OUTPUTS:
+        if fs.exists(f"{base}/outputs/{name}"):
+            fs.get_file(f"{base}/outputs/{name}", str(Path(out) / name))
+
+
 def load(engine, path: Path, universal: bool = False) -> dict:
     """Restore model, optimizer, scheduler, loss scaler and this rank's RNG; returns the trainer state.
     `universal`: from `to_universal(path)` (the engine was configured with `load_universal`)."""

@@ -183,6 +183,8 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
     for callback in callbacks:
         callback.on_train_end({"model_path": str(model_path), "steps": state["step"], "final_loss": loss_value,
                                "data_quality": data_quality})
+    if rank == 0 and cfg.checkpoint_uri:  # after the callbacks: metrics.csv is written at the end
+        checkpoints.upload_outputs(Path(cfg.output_dir), cfg.checkpoint_uri)
     return result
 
 
@@ -192,7 +194,7 @@ _RESUMABLE = {"train.resume", "train.output_dir", "train.log_every", "train.chec
               "data.read_retries", "data.retry_delay", "data.near_duplicate_bits", "data.dedup_against_eval",
               # where it runs: any number of nodes and processes, as long as the global batch stays (below)
               "train.devices", "train.nodes", "train.batch_size", "train.grad_accum_steps", "train.hostfile",
-              "train.rdzv_endpoint", "train.checkpoint_uri"}
+              "train.rdzv_endpoint", "train.checkpoint_uri", "train.kubernetes"}
 # (what deduplication changed is in data.shards: the manifests' exclusion lists are part of it)
 
 

@@ -48,7 +48,7 @@ def check_runnable(params: Params) -> None:
             f"data.samples_per_epoch: {samples} is smaller than one global batch "
             f"(train.batch_size {cfg.batch_size} x {world} processes x {cfg.grad_accum_steps} accumulation)"
         )
-    if cfg.nodes > 1 or cfg.rdzv_endpoint:
+    if (cfg.nodes > 1 or cfg.rdzv_endpoint) and cfg.launcher != "trainjob":  # the operator gives the pods theirs
         rendezvous_endpoint(cfg)
     if cfg.warmup_steps > cfg.steps:
         raise ConfigError(f"train.warmup_steps: {cfg.warmup_steps} exceeds train.steps ({cfg.steps})")
@@ -174,10 +174,14 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
     from ..tracking import live
 
     run_env = {}
-    if node_rank == 0:  # the other nodes' rank 0 learns the run from it (train/distributed.py)
+    # Node 0 owns the MLflow run: the other nodes' rank 0 learns it (train/distributed.py). Inside a TrainJob's
+    # pod the submitting process already owns it (its id is in the environment).
+    if node_rank == 0 and not os.environ.get(live.RUN_ID_ENV):
         run_env = live.open_run(params, stage, out, _resumed_run_id(params) if stage == "train" else None)
         process_env.update(run_env)
         (out / "error.json").unlink(missing_ok=True)
+    if stage == "train" and params.train.launcher == "trainjob":
+        return _run_on_kubernetes(params, run_env, on_output or print)
     error_file = out / "error.json"  # written by rank 0 on a known error (see worker.py)
     command = launch_command(params_file, params, master_port, module, node_rank)
     if on_output is None:
@@ -198,3 +202,19 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
             error.exit_code = known["exit_code"]
         raise error
     return out / weights
+
+
+def _run_on_kubernetes(params: Params, run_env: dict[str, str], on_output: Callable[[str], None]) -> Path:
+    from ..tracking import live
+    from . import kubernetes
+
+    try:
+        kubernetes.run_trainjob(params, run_env, on_output)
+        model = kubernetes.model_from_pods(params)
+    except BaseException:
+        if run_env:
+            live.close_run(params, run_env[live.RUN_ID_ENV], succeeded=False)
+        raise
+    if run_env:
+        live.close_run(params, run_env[live.RUN_ID_ENV], succeeded=True)
+    return model

@@ -1,9 +1,15 @@
-"""The GPU check: EVA02-CLIP-B/16 training steps in bf16 with DeepSpeed ZeRO-1, the way `evaclip train`
-builds them (our model factory, LAMB with EVA-CLIP's parameter groups, our DeepSpeed config), at token
-masking 0 and 0.5 with the largest batch that fits. Reports samples/s, the masking speed-up, peak GPU
-memory, and model FLOP utilization against the card's bf16 matmul rate measured first.
+"""The GPU check: the real `evaclip prepare`, `evaclip train` and `evaclip evaluate` for EVA02-CLIP-B/16 on one GPU.
 
-Run by gpu_check.sh on one GPU; `--smoke` runs the same code on a CPU with a micro model (tests do).
+Synthetic image-text pairs (no network, no dataset on the machine) go through `evaclip prepare` into shards;
+then `evaclip train` (torchrun, DeepSpeed ZeRO-1, LAMB, the packaged eva02-clip-b16 profile with a short
+schedule) runs once per variant: bf16 at token masking 0.5 and 0, fp16 (dynamic loss scaling) at 0.5, and
+flash-attn at 0.5 where the package is installed; `evaclip evaluate` then runs on the GPU in bf16. Each run's
+samples/s and peak GPU memory come from its own metrics.jsonl (what the training loop logs every log_every
+steps); MFU divides the model's training FLOPs at that rate by the card's bf16 matmul rate measured here.
+Writes benchmarks/results/gpu.json. Nothing is tracked (tracking.enabled=false): no MLflow server needed.
+
+    benchmarks/gpu_check.sh                     # on the GPU machine (installs the carried wheels first)
+    python benchmarks/gpu_check.py --smoke      # the same commands on a CPU: evaclip-micro, fp32 (tests)
 
 MFU counts the FLOPs the model needs (6 x parameters x tokens for the matmuls, plus attention scores,
 forward + backward), not recomputation: tokens are the kept image tokens (+ CLS) and the text context.
@@ -13,16 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from evaclip.config import ModelConfig, TrainConfig
-from evaclip.model import create_model, model_config, set_token_masking
-from evaclip.optim import create_optimizer, lr_multiplier
-from evaclip.train.ds_config import deepspeed_config
+from evaclip.config import ModelConfig
+from evaclip.model import create_model, model_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def matmul_peak_flops(device, dtype, size: int = 8192, iters: int = 50) -> float:
@@ -65,107 +75,148 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def build_engine(name: str, batch: int, precision: str):
-    import deepspeed
+def synthetic_data(work: Path, pairs: int, classes: int, per_class: int) -> tuple[Path, Path]:
+    """Image-text pairs (smooth random pictures, a caption naming their number) and an ImageFolder."""
+    rng = np.random.default_rng(0)
+    source, evalset = work / "pairs", work / "eval"
 
-    cfg = TrainConfig(batch_size=batch, devices=1, zero_stage=1, precision=precision, steps=1000, warmup_steps=10,
-                      optimizer="lamb")
-    torch.manual_seed(0)
-    model = create_model(ModelConfig(name=name, token_masking=0.0, attention="sdpa"))
-    optimizer = create_optimizer(model, cfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg)),
-    )
-    optimizer.attach_zero_partitions(engine.optimizer)
-    return engine
+    def picture() -> Image.Image:
+        return Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((64, 64), Image.BICUBIC)
 
-
-def run_steps(engine, batch: int, masking: float, steps: int, warmup: int) -> list[float]:
-    from open_clip.loss import ClipLoss
-
-    device = engine.device
-    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
-    model = engine.module
-    size = model.visual.image_size
-    images = torch.randn(batch, 3, *size, device=device, dtype=dtype)
-    texts = torch.randint(1, 49407, (batch, model.context_length), device=device)
-    set_token_masking(model, masking)
-    loss_fn = ClipLoss()
-    times = []
-    for step in range(warmup + steps):
-        _sync(device)
-        start = time.perf_counter()
-        image_features, text_features, logit_scale = engine(images, texts)
-        loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
-        engine.backward(loss)
-        engine.step()
-        _sync(device)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+    source.mkdir(parents=True, exist_ok=True)
+    for i in range(pairs):
+        picture().save(source / f"{i:06d}.png")
+        (source / f"{i:06d}.txt").write_text(f"a picture of pattern number {i % 100}")
+    for c in range(classes):
+        (evalset / f"class_{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            picture().save(evalset / f"class_{c}" / f"{i}.png")
+    return source, evalset
 
 
-def largest_batch(name: str, candidates: list[int], precision: str):
-    """The first batch size (largest first) whose unmasked training steps fit in memory."""
-    for batch in candidates:
-        try:
-            engine = build_engine(name, batch, precision)
-            run_steps(engine, batch, 0.0, steps=1, warmup=1)
-            return batch, engine
-        except torch.OutOfMemoryError:
-            engine = None
-            torch.cuda.empty_cache()
-            print(f"batch {batch}: out of memory", flush=True)
-    raise SystemExit(f"no batch size in {candidates} fits")
+def evaclip(verb: str, base: list[str], overrides: dict, log: Path) -> float:
+    """Run `evaclip VERB` as a user does; returns its wall time. Its output goes to `log` (and a failure's tail
+    to the terminal)."""
+    command = [sys.executable, "-m", "evaclip.cli", verb, *base]
+    for key, value in overrides.items():
+        command += ["-s", f"{key}={value}"]
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        result = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        sys.stdout.write(log.read_text()[-4000:])
+        raise SystemExit(f"evaclip {verb} failed (exit code {result.returncode}); its output: {log}")
+    return time.perf_counter() - started
+
+
+def run_figures(run: Path) -> dict:
+    """samples/s (median of the logged intervals after the first, which holds start-up) and peak memory."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = [row["samples_per_s"] for row in rows[1:]] or [rows[-1]["samples_per_s"]]
+    memory = [row["gpu_peak_memory_gib"] for row in rows if "gpu_peak_memory_gib" in row]
+    return {"samples_per_s": statistics.median(rates), "peak_memory_gib": max(memory) if memory else None,
+            "final_loss": rows[-1]["loss"], "steps": rows[-1]["step"]}
+
+
+def flash_attn_installed() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="EVA02-B-16")
-    parser.add_argument("--batches", default="512,384,256,192,128,64")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/results/gpu.json")
-    parser.add_argument("--smoke", action="store_true", help="CPU, evaclip-micro, fp32, batch 4, 2 steps")
+    parser.add_argument("--profile", default="eva02-clip-b16")
+    parser.add_argument("--batch", type=int, default=256, help="per GPU")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/evaclip-gpu-check"))
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "gpu.json")
+    parser.add_argument("--smoke", action="store_true", help="CPU, evaclip-micro, fp32, batch 8, 4 steps")
     args = parser.parse_args()
+    gpu = torch.cuda.is_available()
+    if not gpu and not args.smoke:
+        raise SystemExit("no GPU visible (use --smoke for a CPU run of the same commands)")
+    base = ["--params", str(REPO / "params.yaml")] if args.smoke else ["--profile", args.profile]
+    model = "evaclip-micro" if args.smoke else None
+    batch, steps = (8, 4) if args.smoke else (args.batch, args.steps)
+    work = args.work.resolve()
+    source, evalset = synthetic_data(work, pairs=256 if args.smoke else 8192, classes=10, per_class=4 if args.smoke else 20)
+
+    common = {
+        "data.source": "pairs", "data.path": source, "data.mix": "[]", "data.output_dir": work / "data",
+        "data.version": "false", "data.samples_per_shard": 32 if args.smoke else 512, "data.eval_path": "null",
+        "data.dedup_against_eval": "false", "data.resampled": "true", "data.workers": 0 if args.smoke else 8,
+        "data.shuffle_buffer": 64 if args.smoke else 1000, "eval.sets": f"[{evalset}]", "eval.every_n_steps": 0,
+        "tracking.enabled": "false", "init.output_dir": work / "no-init",  # random initialization
+    }
+    if model:
+        common["model.name"] = model
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    prepare_s = evaclip("prepare", base, common, logs / "prepare.log")
+
+    variants = {"bf16_mask0.5": ("bf16", 0.5, "sdpa"), "bf16_mask0": ("bf16", 0.0, "sdpa"),
+                "fp16_mask0.5": ("fp16", 0.5, "sdpa")}
     if args.smoke:
-        args.model, args.batches, args.steps, args.warmup = "evaclip-micro", "4", 2, 1
-    elif not torch.cuda.is_available():
-        raise SystemExit("no GPU visible (use --smoke for a CPU run of the same code)")
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561", "RANK": "0", "LOCAL_RANK": "0",
-                       "WORLD_SIZE": "1"}.items():
-        os.environ.setdefault(key, value)
-    import deepspeed
+        variants = {"fp32_mask0.5": ("fp32", 0.5, "sdpa"), "fp32_mask0": ("fp32", 0.0, "sdpa")}
+    if flash_attn_installed():
+        variants["bf16_mask0.5_flash_attn"] = ("bf16", 0.5, "flash_attn")
+    runs = {}
+    for name, (precision, masking, attention) in variants.items():
+        out = work / "runs" / name
+        overrides = {**common, "train.output_dir": out, "train.resume": "false", "train.steps": steps,
+                     "train.warmup_steps": 2, "train.batch_size": batch, "train.devices": 1, "train.nodes": 1,
+                     "train.launcher": "torchrun", "train.precision": precision, "train.unmasked_tuning_steps": 0,
+                     "train.log_every": max(1, steps // 8), "train.checkpoint_every": 10**6,
+                     "train.keep_checkpoints": 1, "train.grad_accum_steps": 1, "model.token_masking": masking,
+                     "model.attention": attention}
+        seconds = evaclip("train", base, overrides, logs / f"train-{name}.log")
+        runs[name] = {"precision": precision, "token_masking": masking, "attention": attention,
+                      "wall_s": seconds, **run_figures(out)}
+        print(f"{name}: {runs[name]['samples_per_s']:.1f} samples/s, peak {runs[name]['peak_memory_gib']} GiB",
+              flush=True)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    precision = "fp32" if args.smoke else "bf16"
-    dtype = torch.float32 if args.smoke else torch.bfloat16
-    peak = matmul_peak_flops(device, dtype, size=256 if args.smoke else 8192, iters=5 if args.smoke else 50)
-    print(f"measured {dtype} matmul rate: {peak / 1e12:.1f} TFLOP/s", flush=True)
+    main_run = "fp32_mask0.5" if args.smoke else "bf16_mask0.5"
+    evaluate_s = evaclip("evaluate", base, {**common, "eval.checkpoint": work / "runs" / main_run / "model.safetensors",
+                                            "eval.output_dir": work / "eval-out",
+                                            "train.precision": runs[main_run]["precision"]}, logs / "evaluate.log")
+    evaluation = json.loads((work / "eval-out" / "metrics.json").read_text())
 
-    batch, engine = largest_batch(args.model, [int(b) for b in args.batches.split(",")], precision)
-    result = {"benchmark": "gpu_check", "model": args.model, "batch": batch, "precision": precision,
-              "zero_stage": 1, "attention": "sdpa", "matmul_peak_tflops": peak / 1e12,
-              "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "masking": {}}
-    for masking in (0.0, 0.5):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = run_steps(engine, batch, masking, args.steps, args.warmup)
-        step = statistics.median(times)
-        achieved = flops_per_sample(args.model, masking) * batch / step
-        result["masking"][str(masking)] = {
-            "step_s": step, "samples_per_s": batch / step, "mfu": achieved / peak,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-        }
-        print(f"masking {masking}: {batch / step:.1f} samples/s, MFU {achieved / peak:.1%}", flush=True)
-    unmasked, masked = result["masking"]["0.0"], result["masking"]["0.5"]
-    result["masking_speedup_0_5"] = masked["samples_per_s"] / unmasked["samples_per_s"]
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=2)
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    peak = matmul_peak_flops(device, dtype, size=8192 if gpu else 256, iters=50 if gpu else 5)
+    name_of_model = model or model_name(args.profile)
+    for figures in runs.values():
+        figures["mfu"] = flops_per_sample(name_of_model, figures["token_masking"]) * figures["samples_per_s"] / peak
+    result = {
+        "benchmark": "gpu_check", "model": name_of_model, "profile": None if args.smoke else args.profile,
+        "device": torch.cuda.get_device_name(0) if gpu else "cpu", "torch": torch.__version__,
+        "batch_per_gpu": batch, "steps": steps, "matmul_peak_tflops": peak / 1e12, "runs": runs,
+        "prepare_s": prepare_s,
+        "evaluate": {"seconds": evaluate_s, "device": evaluation["device"], "dtype": evaluation["dtype"],
+                     "zeroshot_top1_synthetic": evaluation["metrics"].get("zeroshot_top1")},
+    }
+    first, second = (("fp32_mask0.5", "fp32_mask0") if args.smoke else ("bf16_mask0.5", "bf16_mask0"))
+    result["masking_speedup_0_5"] = runs[first]["samples_per_s"] / runs[second]["samples_per_s"]
+    if "fp16_mask0.5" in runs:
+        result["fp16_over_bf16"] = runs["fp16_mask0.5"]["samples_per_s"] / runs["bf16_mask0.5"]["samples_per_s"]
+    if "bf16_mask0.5_flash_attn" in runs:
+        result["flash_attn_over_sdpa"] = (runs["bf16_mask0.5_flash_attn"]["samples_per_s"]
+                                          / runs["bf16_mask0.5"]["samples_per_s"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
+    print("\n| run | samples/s | MFU | peak GiB |\n|---|---|---|---|")
+    for name, figures in runs.items():
+        print(f"| {name} | {figures['samples_per_s']:.1f} | {figures['mfu']:.1%} | {figures['peak_memory_gib']} |")
+
+
+def model_name(profile: str) -> str:
+    from evaclip.config import load_params, profile_path
+
+    return load_params(profile_path(profile)).model.name
 
 
 if __name__ == "__main__":

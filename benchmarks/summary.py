@@ -37,7 +37,9 @@ HEADLINES = [
     ("orchestration_overhead_projected_demo", "orchestration", ["orchestration_overhead_projected_demo"],
      "the same, projected on the 300-step demo", "<= 0.10"),
     ("gpu_masking_speedup_0_5", "gpu", ["masking_speedup_0_5"], "GPU samples/s, masking 0.5 / 0 (B/16)", ""),
-    ("gpu_mfu", "gpu", ["masking", "0.0", "mfu"], "GPU model FLOP utilization, masking 0 (B/16)", ">= 0.40"),
+    ("gpu_mfu", "gpu", ["runs", "bf16_mask0", "mfu"], "GPU model FLOP utilization, bf16, masking 0 (B/16)", ">= 0.40"),
+    ("gpu_fp16_over_bf16", "gpu", ["fp16_over_bf16"], "GPU samples/s, fp16 / bf16 at masking 0.5 (B/16)", ""),
+    ("gpu_flash_attn_over_sdpa", "gpu", ["flash_attn_over_sdpa"], "GPU samples/s, flash-attn / sdpa (B/16)", ""),
 ]
 
 

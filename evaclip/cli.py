@@ -154,7 +154,6 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
     runs and the model (an MLflow pyfunc) to the tracking store.
     """
     from .eval import evaluate as run_evaluation
-    from .tracking import log_run
 
     cfg = _load(params, profile, set_)
     result = run_evaluation(cfg)
@@ -163,6 +162,11 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
         out.print(f"{set_result.name}: {shown}")
     if "zeroshot_top1" in result.metrics:
         out.print(f"zero-shot top-1: {result.metrics['zeroshot_top1']:.3f}")
+    if not cfg.tracking.enabled:
+        out.print("tracking.enabled is false: nothing logged to MLflow")
+        return
+    from .tracking import log_run
+
     record = log_run(cfg, result)
     out.print(f"MLflow: run {record.eval_run_id} ({record.tracking_uri}), model {record.model_uri}")
 

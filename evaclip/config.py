@@ -237,6 +237,7 @@ class PretrainConfig(_Section):
 
 
 class TrackingConfig(_Section):
+    enabled: bool = Field(True, description="false: train and evaluate without MLflow (nothing logged or registered)")
     uri: Optional[str] = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite")
     default_store: Path = Field(Path("outputs/mlflow"), description="SQLite file and artifacts when no URI is set")
     experiment: str = "evaclip"

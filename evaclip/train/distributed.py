@@ -13,7 +13,8 @@ import os
 import torch
 import torch.distributed as dist
 
-SHARED_ENV = ("EVACLIP_MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI")
+RUN_ID_ENV = "EVACLIP_MLFLOW_RUN_ID"  # tracking/live.py's: the launcher's MLflow run
+SHARED_ENV = (RUN_ID_ENV, "MLFLOW_TRACKING_URI")
 
 
 def init_distributed() -> tuple[int, int]:

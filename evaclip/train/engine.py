@@ -286,10 +286,13 @@ def _metrics(loss, engine, logit_scale, cfg, elapsed, masking, steps_done) -> di
         tower = group.get("name", "other").split(".")[0]
         lrs[f"lr/{tower}"] = max(lrs.get(f"lr/{tower}", 0.0), group["lr"])
     samples = cfg.batch_size * dist.get_world_size() * cfg.grad_accum_steps * steps_done
-    return {
+    metrics = {
         "loss": loss,
         **{k: float(v) for k, v in lrs.items()},
         "logit_scale": float(logit_scale.detach()),
         "samples_per_s": samples / elapsed if elapsed > 0 else math.nan,
         "token_masking": masking,
     }
+    if torch.cuda.is_available():  # the allocator's own counter: no device sync
+        metrics["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return metrics

@@ -26,6 +26,7 @@ from ..config import Params
 from ..errors import ConfigError, EvaclipError
 from ..model import model_config
 from . import checkpoints
+from .distributed import RUN_ID_ENV
 from .engine import init_checkpoint, run_recipe
 
 
@@ -171,12 +172,12 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
     process_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // params.train.devices)))
     if not torch.cuda.is_available():  # what DeepSpeed would pick, without its warning in every rank's output
         process_env.setdefault("DS_ACCELERATOR", "cpu")
-    from ..tracking import live
-
     run_env = {}
     # Node 0 owns the MLflow run: the other nodes' rank 0 learns it (train/distributed.py). Inside a TrainJob's
     # pod the submitting process already owns it (its id is in the environment).
-    if node_rank == 0 and not os.environ.get(live.RUN_ID_ENV):
+    if params.tracking.enabled and node_rank == 0 and not os.environ.get(RUN_ID_ENV):
+        from ..tracking import live
+
         run_env = live.open_run(params, stage, out, _resumed_run_id(params) if stage == "train" else None)
         process_env.update(run_env)
         (out / "error.json").unlink(missing_ok=True)
@@ -193,7 +194,9 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
                 on_output(line.rstrip())
         returncode = process.returncode
     if run_env:
-        live.close_run(params, run_env[live.RUN_ID_ENV], succeeded=returncode == 0)
+        from ..tracking import live
+
+        live.close_run(params, run_env[RUN_ID_ENV], succeeded=returncode == 0)
     if returncode != 0:
         error = EvaclipError(f"{stage} failed (exit code {returncode}); what it saved is kept in {out}")
         if error_file.is_file():
@@ -205,16 +208,19 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
 
 
 def _run_on_kubernetes(params: Params, run_env: dict[str, str], on_output: Callable[[str], None]) -> Path:
-    from ..tracking import live
     from . import kubernetes
+
+    def close(succeeded: bool) -> None:
+        if run_env:
+            from ..tracking import live
+
+            live.close_run(params, run_env[RUN_ID_ENV], succeeded=succeeded)
 
     try:
         kubernetes.run_trainjob(params, run_env, on_output)
         model = kubernetes.model_from_pods(params)
     except BaseException:
-        if run_env:
-            live.close_run(params, run_env[live.RUN_ID_ENV], succeeded=False)
+        close(succeeded=False)
         raise
-    if run_env:
-        live.close_run(params, run_env[live.RUN_ID_ENV], succeeded=True)
+    close(succeeded=True)
     return model

@@ -35,7 +35,7 @@ def run_worker(run, stage: str, argv: list[str] | None = None) -> int:
         from ..eval import PeriodicEvaluation
 
         callbacks.insert(0, PeriodicEvaluation(params))  # before MetricsFile, which records what it adds
-    if os.environ.get("RANK", "0") == "0":
+    if params.tracking.enabled and os.environ.get("RANK", "0") == "0":
         from ..tracking.live import MlflowLogger  # the launcher's run (tracking/live.py), if it opened one
 
         callbacks.append(MlflowLogger(stage))

@@ -246,14 +246,19 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(micro_
     assert steps == [1, 2, 3, 4] and (out / "model.safetensors").read_bytes() != first_model  # trained anew
 
 
-def _two_nodes(micro_data, out, launcher: str, steps: int) -> None:
-    """Two launchers of one process each, meeting on 127.0.0.1 (as two pods of a PyTorchJob would)."""
+def _two_nodes(micro_data, out, launcher: str, steps: int, disks: tuple[Path, Path] | None = None,
+               **extra) -> None:
+    """Two launchers of one process each, meeting on 127.0.0.1 (as two pods of a PyTorchJob would); `disks`:
+    each node's own train.output_dir (no shared filesystem), else both use `out`."""
     from deploy.stack import free_port
 
-    overrides = _train_overrides(micro_data, out, **{
-        "train.steps": steps, "train.devices": 1, "train.nodes": 2, "train.launcher": launcher,
-        "train.rdzv_endpoint": f"127.0.0.1:{free_port()}"})
-    nodes = [_evaclip_train([*overrides, "--node-rank", str(rank)]) for rank in (1, 0)]  # node 1 may come first
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = []
+    for rank in (1, 0):  # node 1 may come first
+        overrides = _train_overrides(micro_data, disks[rank] if disks else out, **{
+            "train.steps": steps, "train.devices": 1, "train.nodes": 2, "train.launcher": launcher,
+            "train.rdzv_endpoint": endpoint, **extra})
+        nodes.append(_evaclip_train([*overrides, "--node-rank", str(rank)]))
     outputs = [node.communicate(timeout=900)[0] for node in nodes]
     for node, output in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, output[-4000:]
@@ -284,7 +289,7 @@ def test_two_nodes_train_like_one_node_with_two_processes(micro_data, tmp_path):
 
 
 def test_checkpoints_on_object_storage_need_no_shared_filesystem(micro_data, tmp_path, monkeypatch):
-    """Every rank's ZeRO partition reaches S3; a node with an empty disk resumes from there."""
+    """Every rank's ZeRO partition reaches S3; nodes with empty, separate disks resume from there."""
     from evaclip.train import checkpoints
 
     from .test_streaming import S3Server
@@ -310,23 +315,25 @@ def test_checkpoints_on_object_storage_need_no_shared_filesystem(micro_data, tmp
         assert {"rng_rank0.pt", "rng_rank1.pt"} <= set(local_files)
         assert sum("zero_pp_rank_" in name for name in local_files) == 2  # both ranks' optimizer partitions
 
-        # A new pod, preempted runs elsewhere: the store names step 4; the local disk is empty.
+        # Preempted: the store names step 4. The run resumes on two new nodes whose disks are empty and
+        # separate: each downloads every rank's files, each finalizes and uploads what its own ranks wrote.
         from evaclip.data.storage import filesystem
 
         store, base = filesystem(uri)
         store.rm(f"{base}/step_0000008", recursive=True)
         store.pipe_file(f"{base}/latest", b"step_0000004\n")
-        fresh = tmp_path / "fresh"
-        process = _evaclip_train(_train_overrides(micro_data, fresh, **{"train.steps": 8,
-                                                                          "train.checkpoint_uri": uri}))
-        output = process.communicate(timeout=900)[0]
-        assert process.returncode == 0, output[-4000:]
+        disks = (tmp_path / "node0", tmp_path / "node1")
+        _two_nodes(micro_data, None, "torchrun", 8, disks, **{"train.checkpoint_uri": uri})
+        (fresh,) = [disk for disk in disks if (disk / "model.safetensors").is_file()]  # where rank 0 ran
         steps = [json.loads(line)["step"] for line in (fresh / "metrics.jsonl").read_text().splitlines()]
         assert steps == [5, 6, 7, 8]  # resumed at step 4
         expected, resumed = load_file(str(straight / "model.safetensors")), load_file(str(fresh / "model.safetensors"))
         for key, value in expected.items():
             torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
         assert (remote / "latest").read_text().strip() == "step_0000008"
+        assert sorted(p.name for p in (remote / "step_0000008").iterdir()) == local_files  # from both disks
+        for disk in disks:
+            assert (disk / "latest").read_text().strip() == "step_0000008" and not list(disk.glob(".tmp-*"))
         handed = tmp_path / "handed"  # what a TrainJob's submitter fetches for evaluation
         checkpoints.fetch_outputs(uri, handed)
         assert (handed / "model.safetensors").read_bytes() == (fresh / "model.safetensors").read_bytes()
@@ -340,6 +347,27 @@ def test_checkpoints_on_object_storage_need_no_shared_filesystem(micro_data, tmp
     finally:
         if server.process.poll() is None:
             server.stop()
+
+
+def test_checkpoint_files_belong_to_the_rank_that_wrote_them():
+    from evaclip.train.checkpoints import _owner
+
+    assert [_owner(name) for name in ("zero_pp_rank_3_mp_rank_00_optim_states.pt",
+                                      "bf16_zero_pp_rank_5_mp_rank_00_optim_states.pt", "rng_rank2.pt",
+                                      "rank7_state.json", "mp_rank_00_model_states.pt", "trainer_state.json")] == [
+        3, 5, 2, 7, 0, 0]
+
+
+def test_a_recipe_recorded_before_elastic_resume_still_matches():
+    """Checkpoints recorded devices and batch size in their recipe: what matters now is the global batch."""
+    from evaclip.train.engine import recipe_changes
+
+    current = {"model.name": "m", "train.lr": "0.001", "train.global_batch_size": "32"}
+    older = {"model.name": "m", "train.lr": "0.001", "train.devices": "2", "train.nodes": "1",
+             "train.batch_size": "16", "train.grad_accum_steps": "1", "train.log_every": "5"}
+    assert recipe_changes(older, current) == []
+    assert recipe_changes({**older, "train.batch_size": "8"}, current) == ["train.global_batch_size"]
+    assert recipe_changes({**older, "train.lr": "0.5"}, current) == ["train.lr"]
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
@@ -385,9 +413,13 @@ def test_a_run_resumes_on_another_number_of_processes(micro_data, tmp_path, befo
     ("data.samples_per_epoch=100", "data.samples_per_epoch: 100 is smaller than one global batch"),
     ("train.nodes=2", "train.rdzv_endpoint: 2 nodes need node 0's HOST:PORT"),
     ("train.rdzv_endpoint=nohost", "train.rdzv_endpoint: 'nohost' is not HOST:PORT"),
+    ("train.launcher=trainjob", None),  # on the cluster's GPUs: this machine's hardware is not checked
 ])
 def test_a_config_that_cannot_run_fails_before_launch(micro_data, override, message):
     overrides = [f"data.output_dir={micro_data}", override]
+    if message is None:
+        check_runnable(load_params(REPO / "params.yaml", [*overrides, "train.precision=fp16", "train.nodes=8"]))
+        return
     with pytest.raises(ConfigError, match=message):
         check_runnable(load_params(REPO / "params.yaml", overrides))
 

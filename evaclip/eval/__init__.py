@@ -87,10 +87,11 @@ def evaluate(params: Params, checkpoint: str | Path | None = None, progress: boo
 
 
 def evaluation_device(params: Params) -> tuple[torch.device, torch.dtype]:
-    """Where and in what precision training ran: the first GPU if there is one, in `train.precision`."""
+    """Where and in what precision training ran: the first GPU if there is one, in `train.precision` (fp16
+    only on a GPU: a model trained in fp16 is evaluated in fp32 on a CPU)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[params.train.precision]
-    return device, dtype
+    return device, torch.float32 if dtype == torch.float16 and device.type == "cpu" else dtype
 
 
 def _batches(samples: Iterator, preprocess, batch_size: int):

@@ -23,6 +23,7 @@ import random
 import re
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from types import MethodType
 from typing import Optional
@@ -62,12 +63,18 @@ def remove_all(root: Path) -> None:
 
 def save(engine, root: Path, state: dict, keep: int, rank_state: Optional[dict] = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder. `rank_state`: this rank's own
-    JSON-able state (its data streams' positions), read back by `load_rank_state`."""
+    JSON-able state (its data streams' positions), read back by `load_rank_state`.
+
+    Nodes may or may not share `root`: global rank 0 finalizes first, then each other node's first rank
+    finalizes what its own disk holds (nothing left there on a shared filesystem)."""
     root = Path(root)
-    rank = dist.get_rank()
+    rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     tag = _tag(state["step"])
     tmp_tag = f".tmp-{tag}"
     if rank == 0:
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+    dist.barrier()
+    if local_rank == 0:  # another node's disk: its own leftovers
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -79,18 +86,25 @@ def save(engine, root: Path, state: dict, keep: int, rank_state: Optional[dict] 
         (root / tmp_tag / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
     dist.barrier()
     if rank == 0:
-        final = root / tag
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(root / tmp_tag, final)
-        pointer = root / f".{LATEST}.tmp"
-        pointer.write_text(tag + "\n")
-        os.replace(pointer, root / LATEST)
-        # Keep the newest `keep` up to this step; never the one just written, nor a longer earlier run's.
-        earlier = sorted(p for p in root.glob("step_*") if p.name < tag)
-        for old in earlier[: max(0, len(earlier) - (keep - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+        _finalize(root, tmp_tag, tag, keep)
+    dist.barrier()
+    if local_rank == 0 and rank != 0 and (root / tmp_tag).is_dir():
+        _finalize(root, tmp_tag, tag, keep)
     dist.barrier()
     return root / tag
+
+
+def _finalize(root: Path, tmp_tag: str, tag: str, keep: int) -> None:
+    final = root / tag
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(root / tmp_tag, final)
+    pointer = root / f".{LATEST}.{socket.gethostname()}.tmp"
+    pointer.write_text(tag + "\n")
+    os.replace(pointer, root / LATEST)
+    # Keep the newest `keep` up to this step; never the one just written, nor a longer earlier run's.
+    earlier = sorted(p for p in root.glob("step_*") if p.name < tag)
+    for old in earlier[: max(0, len(earlier) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 UNIVERSAL = "universal"
@@ -101,28 +115,42 @@ def to_universal(path: Path) -> Path:
     absent (nodes need not share a filesystem); the conversion is kept beside the checkpoint."""
     path = Path(path)
     target = path / UNIVERSAL
+    error = None
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not target.is_dir():
-        from argparse import Namespace
-
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-        work = path / f".{UNIVERSAL}.{socket.gethostname()}.{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        source = _with_scalars_as_vectors(path, work / "source")
-        # One worker: no process pool inside a training rank. Our client state carries no universal-checkpoint
-        # marker, which the converter wants: it injects one.
-        ds_to_universal(Namespace(input_folder=str(source), output_folder=str(work / "out"), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                  inject_missing_state=True))
-        for model_states in path.glob("mp_rank_*_model_states.pt"):  # the original metadata, not the view's
-            shutil.copy2(model_states, work / "out" / model_states.name)
         try:
-            os.replace(work / "out", target)
-        except OSError:  # another node converted it into the same (shared) folder first
-            pass
-        shutil.rmtree(work, ignore_errors=True)
-    dist.barrier()
+            _convert_to_universal(path, target)
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, not wait at the barrier
+            error = f"{type(err).__name__}: {err}"
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        from ..errors import EvaclipError
+
+        raise EvaclipError(f"converting {path} for a resume on {dist.get_world_size()} processes failed: "
+                           f"{next(e for e in errors if e)}")
     return target
+
+
+def _convert_to_universal(path: Path, target: Path) -> None:
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    work = path / f".{UNIVERSAL}.{socket.gethostname()}.{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    source = _with_scalars_as_vectors(path, work / "source")
+    # One worker: no process pool inside a training rank. Our client state carries no universal-checkpoint
+    # marker, which the converter wants: it injects one.
+    ds_to_universal(Namespace(input_folder=str(source), output_folder=str(work / "out"), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True))
+    for model_states in path.glob("mp_rank_*_model_states.pt"):  # the original metadata, not the view's
+        shutil.copy2(model_states, work / "out" / model_states.name)
+    try:
+        os.replace(work / "out", target)
+    except OSError:  # another node converted it into the same (shared) folder first
+        pass
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _with_scalars_as_vectors(path: Path, view: Path) -> Path:
@@ -141,7 +169,8 @@ def _with_scalars_as_vectors(path: Path, view: Path) -> Path:
     return view
 
 
-_RANK_FILES = re.compile(r"^(?:zero_pp_rank_(\d+)_.*|rng_rank(\d+)\.pt|rank(\d+)_state\.json)$")
+# DeepSpeed's per-rank optimizer files (`bf16_zero_pp_rank_N_...` in bf16) and ours.
+_RANK_FILES = re.compile(r"^(?:(?:bf16_)?zero_pp_rank_(\d+)_.*|rng_rank(\d+)\.pt|rank(\d+)_state\.json)$")
 
 
 def _owner(name: str) -> int:
@@ -153,13 +182,14 @@ def _owner(name: str) -> int:
 def upload(path: Path, uri: str, keep: int) -> bool:
     """Collective, after `save`: every rank uploads its files of checkpoint `path` to `uri`/<tag>/; rank 0 then
     points `uri`/latest at it and drops the remote checkpoints past the newest `keep`. Returns whether the
-    upload succeeded everywhere; a failure leaves the remote `latest` where it was (and the local copy)."""
+    upload succeeded everywhere; a failure leaves the remote `latest` where it was (and the local copy), is
+    reported, and training goes on."""
     from ..data.storage import filesystem
 
     path, rank = Path(path), dist.get_rank()
-    fs, base = filesystem(uri)
     error = None
     try:
+        fs, base = filesystem(uri)
         for file in sorted(p for p in path.iterdir() if p.is_file() and _owner(p.name) == rank):
             fs.put_file(str(file), f"{base}/{path.name}/{file.name}")
     except Exception as err:  # noqa: BLE001 - any store error: reported, the run goes on from the local copy
@@ -168,21 +198,26 @@ def upload(path: Path, uri: str, keep: int) -> bool:
     dist.all_gather_object(errors, error)
     errors = [e for e in errors if e]
     if rank == 0 and not errors:
-        fs.pipe_file(f"{base}/{LATEST}", (path.name + "\n").encode())
-        remote = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
-        older = [tag for tag in remote if tag.startswith("step_") and tag < path.name]
-        for tag in older[: max(0, len(older) - (keep - 1))]:
-            fs.rm(f"{base}/{tag}", recursive=True)
-    elif rank == 0:
+        try:
+            fs.pipe_file(f"{base}/{LATEST}", (path.name + "\n").encode())
+            remote = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
+            older = [tag for tag in remote if tag.startswith("step_") and tag < path.name]
+            for tag in older[: max(0, len(older) - (keep - 1))]:
+                fs.rm(f"{base}/{tag}", recursive=True)
+        except Exception as err:  # noqa: BLE001 - as above: the previous `latest` (or this one) stays valid
+            errors.append(f"rank 0, moving {LATEST}: {type(err).__name__}: {err}")
+    if rank == 0 and errors:
         print(f"warning: checkpoint {path.name} not uploaded to {uri} ({'; '.join(errors)}); it is kept in "
               f"{path.parent}, and {uri}/{LATEST} still names the previous one", flush=True)
     dist.barrier()
     return not errors
 
 
-def fetch_latest(uri: str, root: Path) -> Optional[Path]:
-    """Before a resume, on each node: download the checkpoint that `uri`/latest names into `root`, unless the
-    local one is as new. Returns the local latest checkpoint."""
+def fetch_latest(uri: str, root: Path, accept: Callable[[dict], bool] = lambda state: True) -> Optional[Path]:
+    """Before a resume, on each node: make the checkpoint that `uri`/latest names complete in `root` (every
+    rank's files: a node's own disk holds only its ranks'), unless `accept(its trainer state)` refuses it.
+    The store is the reference: a newer local checkpoint that never reached it is not resumed. Returns the
+    local checkpoint, or None."""
     from ..data.storage import filesystem
     from ..errors import EvaclipError
 
@@ -190,29 +225,27 @@ def fetch_latest(uri: str, root: Path) -> Optional[Path]:
     fs, base = filesystem(uri)
     try:
         tag = fs.cat_file(f"{base}/{LATEST}").decode().strip()
+        state = json.loads(fs.cat_file(f"{base}/{tag}/{TRAINER_STATE}"))
     except FileNotFoundError:
-        return latest_checkpoint(root)  # nothing uploaded yet
+        return None  # nothing uploaded yet
     except Exception as err:  # noqa: BLE001 - unreachable, refused: say which store
         raise EvaclipError(f"train.checkpoint_uri: cannot read {uri}/{LATEST}: {type(err).__name__}: {err}") from err
-    local = latest_checkpoint(root)
-    if local is not None and local.name >= tag:
-        return local
-    if not (root / tag).is_dir():
-        work = root / f".download-{tag}.{socket.gethostname()}.{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        for remote in fs.find(f"{base}/{tag}"):
-            relative = remote[len(f"{base}/{tag}/"):]
-            (work / relative).parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(remote, str(work / relative))
-        try:
-            os.replace(work, root / tag)
-        except OSError:  # another node of a shared filesystem was first
-            shutil.rmtree(work, ignore_errors=True)
-    pointer = root / f".{LATEST}.{os.getpid()}.tmp"
+    if not accept(state):
+        return None
+    target = root / tag
+    target.mkdir(parents=True, exist_ok=True)
+    for remote, info in fs.find(f"{base}/{tag}", detail=True).items():
+        local = target / remote[len(f"{base}/{tag}/"):]
+        if local.is_file() and local.stat().st_size == info.get("size"):
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f".{local.name}.{socket.gethostname()}.{os.getpid()}")
+        fs.get_file(remote, str(partial))
+        os.replace(partial, local)  # whole files only, even with several nodes on one shared folder
+    pointer = root / f".{LATEST}.{socket.gethostname()}.{os.getpid()}.tmp"
     pointer.write_text(tag + "\n")
     os.replace(pointer, root / LATEST)
-    return root / tag
+    return target
 
 
 RUN_OUTPUTS = ("model.safetensors", "metrics.jsonl", "metrics.csv", "data_report.json")

@@ -33,6 +33,6 @@ def _share_launcher_env() -> None:
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     for env in everyone:
-        if env:
+        if env.get(RUN_ID_ENV):  # the launcher that opened the run: its id and its tracking URI
             os.environ.update(env)
             return

@@ -216,8 +216,18 @@ def run_recipe(params: Params, init_checkpoint: Path | None = None) -> dict[str,
     return flat
 
 
+def recipe_changes(saved: dict, current: dict) -> list[str]:
+    """The recipe keys whose values differ. Settings that may change between a run and its resume are left
+    out even where an older checkpoint recorded them, and its global batch is worked out from them."""
+    parts = ("train.batch_size", "train.devices", "train.nodes", "train.grad_accum_steps")
+    kept = {k: v for k, v in saved.items() if k not in _RESUMABLE}
+    if saved and "train.global_batch_size" not in saved and all(k in saved for k in parts):
+        kept["train.global_batch_size"] = str(math.prod(int(saved[k]) for k in parts))
+    return sorted(k for k in set(kept) | set(current) if kept.get(k) != current.get(k))
+
+
 def _check_same_recipe(saved: dict, current: dict, checkpoint: Path) -> None:
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    changed = recipe_changes(saved, current)
     if saved and changed:
         raise EvaclipError(
             f"{checkpoint} was written by a different configuration ({', '.join(changed[:8])} changed): "

@@ -6,7 +6,7 @@ resolved params and `launcher: torchrun`, so the pods meet in torchrun's c10d re
 machines do (see `launch.py`). The process that submits it (the pipeline's pod, or `evaclip train` on a
 workstation with kubectl access) owns the MLflow run, streams the pods' logs, waits for the job, and then
 finds the trained model where the pods wrote it: a volume both mount (`train.kubernetes.volumes`) or
-`train.checkpoint_uri`. Stopping it (Ctrl-C, a cancelled flow run) deletes the TrainJob.
+`train.checkpoint_uri`. Stopping it (Ctrl-C, SIGTERM) deletes the TrainJob; a failed one is kept for its logs.
 
 kubernetes_asyncio is the client (prefect-kubernetes already depends on it): `pip install -e .[kubernetes]`.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -103,8 +104,32 @@ def run_trainjob(params: Params, run_env: dict[str, str], on_output: Callable[[s
         import kubernetes_asyncio  # noqa: F401
     except ImportError as err:
         raise ConfigError("train.launcher: trainjob needs the Kubernetes client: pip install -e '.[kubernetes]'") from err
+    _clear_outputs(params)  # the model this run hands over must be this run's
     name = job_name(params)
-    asyncio.run(_run(trainjob_manifest(params, name, run_env), params.train.kubernetes.poll_seconds, on_output))
+    manifest = trainjob_manifest(params, name, run_env)
+    # A stopped submitter (Ctrl-C, SIGTERM from a cancelled flow run or a drained node) deletes its TrainJob.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        asyncio.run(_run(manifest, params.train.kubernetes.poll_seconds, on_output))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _clear_outputs(params: Params) -> None:
+    from ..data.storage import filesystem
+    from . import checkpoints
+
+    out = Path(params.train.output_dir)
+    for name in checkpoints.RUN_OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    if params.train.checkpoint_uri:
+        fs, base = filesystem(params.train.checkpoint_uri)
+        if fs.exists(f"{base}/outputs"):
+            fs.rm(f"{base}/outputs", recursive=True)
 
 
 async def _run(manifest: dict, poll_seconds: float, on_output: Callable[[str], None]) -> None:
@@ -128,11 +153,14 @@ async def _run(manifest: dict, poll_seconds: float, on_output: Callable[[str], N
                               if c.get("status") == "True"}
                 if "Complete" in conditions:
                     break
-                if "Failed" in conditions:
-                    raise EvaclipError(f"TrainJob {namespace}/{name} failed: {conditions['Failed'].get('message', '')}")
+                if "Failed" in conditions:  # kept, with its pods' logs, for whoever looks into it
+                    raise EvaclipError(f"TrainJob {namespace}/{name} failed: {conditions['Failed'].get('message', '')}"
+                                       f" (kubectl describe trainjob -n {namespace} {name})")
                 await asyncio.sleep(poll_seconds)
-            await asyncio.wait(streams.values(), timeout=30)  # the last lines
-        except BaseException:
+            if streams:
+                await asyncio.wait(streams.values(), timeout=30)  # the last lines
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            on_output(f"stopped: deleting TrainJob {namespace}/{name}")
             await jobs.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
                                                        propagation_policy="Foreground")
             raise

@@ -27,7 +27,7 @@ from ..errors import ConfigError, EvaclipError
 from ..model import model_config
 from . import checkpoints
 from .distributed import RUN_ID_ENV
-from .engine import init_checkpoint, run_recipe
+from .engine import init_checkpoint, recipe_changes, run_recipe
 
 
 def stage_output_dir(params: Params, stage: str) -> Path:
@@ -39,9 +39,10 @@ def check_runnable(params: Params) -> None:
     cfg = params.train
     model_config(params.model.name)
     world = cfg.devices * cfg.nodes
-    if cfg.precision == "fp16" and not torch.cuda.is_available():
+    here = cfg.launcher != "trainjob"  # a TrainJob runs on the cluster's nodes, not on this machine
+    if here and cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision: fp16 needs GPUs (DeepSpeed's loss scaler); use fp32 or bf16 on CPUs")
-    if cfg.devices > 1 and torch.cuda.is_available() and torch.cuda.device_count() < cfg.devices:
+    if here and cfg.devices > 1 and torch.cuda.is_available() and torch.cuda.device_count() < cfg.devices:
         raise ConfigError(f"train.devices: {cfg.devices} GPUs asked, {torch.cuda.device_count()} visible")
     samples = params.data.samples_per_epoch
     if samples is not None and samples < cfg.batch_size * world * cfg.grad_accum_steps:
@@ -49,7 +50,8 @@ def check_runnable(params: Params) -> None:
             f"data.samples_per_epoch: {samples} is smaller than one global batch "
             f"(train.batch_size {cfg.batch_size} x {world} processes x {cfg.grad_accum_steps} accumulation)"
         )
-    if (cfg.nodes > 1 or cfg.rdzv_endpoint) and cfg.launcher != "trainjob":  # the operator gives the pods theirs
+    # The operator gives a TrainJob's pods their endpoint; DeepSpeed finds node 0 of a hostfile over ssh.
+    if (cfg.nodes > 1 or cfg.rdzv_endpoint) and here and not (cfg.launcher == "deepspeed" and cfg.hostfile):
         rendezvous_endpoint(cfg)
     if cfg.warmup_steps > cfg.steps:
         raise ConfigError(f"train.warmup_steps: {cfg.warmup_steps} exceeds train.steps ({cfg.steps})")
@@ -73,6 +75,9 @@ def check_pretrain_runnable(params: Params) -> None:
         raise ConfigError(f"pretrain.teacher: weight file {teacher} not found")
     if params.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision: fp16 needs GPUs (DeepSpeed's loss scaler); use fp32 or bf16 on CPUs")
+    if params.train.launcher == "trainjob":
+        raise ConfigError("train.launcher: pre-training does not run as a TrainJob yet; use torchrun or deepspeed "
+                          "(several nodes: evaclip pretrain --node-rank R on each)")
     if not (Path(params.data.output_dir) / "train" / "manifest.json").is_file() and not params.data.mix:
         raise ConfigError(f"data: no prepared shards in {params.data.output_dir} (run `evaclip prepare` or `dvc pull`)")
 
@@ -83,18 +88,28 @@ _STAGES = {  # stage -> (worker module, pre-launch check, output file)
 }
 
 
-def _resumed_run_id(params: Params) -> Optional[str]:
-    """The MLflow run of the checkpoint that training will resume, if any.
+def _prepare_resume(params: Params) -> Optional[str]:
+    """On every node, before its ranks start: make the checkpoint to resume present (from
+    `train.checkpoint_uri` if set) and return the MLflow run it belongs to.
 
     `train.resume: if_same` (dvc.yaml's stage) resumes a crashed run of the same recipe and starts over after
     a change: DVC reruns the stage because something changed, and the old checkpoints belong to another run.
     """
     cfg = params.train
-    latest = checkpoints.latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if not cfg.resume:
+        return None
+    current = run_recipe(params, init_checkpoint(params))
+
+    def acceptable(state: dict) -> bool:
+        return cfg.resume != "if_same" or not recipe_changes(state.get("recipe", {}), current)
+
+    if cfg.checkpoint_uri:
+        checkpoints.fetch_latest(cfg.checkpoint_uri, cfg.output_dir, accept=acceptable)
+    latest = checkpoints.latest_checkpoint(cfg.output_dir)
     if latest is None:
         return None
     state = checkpoints.trainer_state(latest)
-    if cfg.resume == "if_same" and state.get("recipe") != run_recipe(params, init_checkpoint(params)):
+    if not acceptable(state):
         checkpoints.remove_all(cfg.output_dir)
         return None
     return state.get("mlflow_run_id")
@@ -128,15 +143,17 @@ def launch_command(params_file: Path, params: Params, master_port: Optional[int]
         if launcher is None:
             raise ConfigError("train.launcher: the `deepspeed` launcher is not installed here; use torchrun")
         cmd = [launcher, "--num_gpus", str(cfg.devices)]
-        if cfg.nodes > 1:
+        if cfg.nodes > 1 and cfg.hostfile is not None:  # node 0 starts every node over pdsh/ssh
+            cmd += ["--num_nodes", str(cfg.nodes), "--hostfile", str(cfg.hostfile)]
+            if cfg.rdzv_endpoint:
+                host, port = rendezvous_endpoint(cfg)
+                cmd += ["--master_addr", host, "--master_port", str(port)]
+        elif cfg.nodes > 1:  # each node starts its own ranks; the hostfile only gives the launcher the world's shape
             host, port = rendezvous_endpoint(cfg)
-            cmd += ["--num_nodes", str(cfg.nodes), "--master_addr", host, "--master_port", str(port)]
-            if cfg.hostfile is not None:  # node 0 starts every node over pdsh/ssh
-                cmd += ["--hostfile", str(cfg.hostfile)]
-            else:  # each node starts its own ranks; the hostfile only tells the launcher the world's shape
-                hostfile = Path(params_file).parent / f"hostfile.node{node_rank}"
-                hostfile.write_text("".join(f"node{i} slots={cfg.devices}\n" for i in range(cfg.nodes)))
-                cmd += ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank)]
+            hostfile = Path(params_file).parent / f"hostfile.node{node_rank}"
+            hostfile.write_text("".join(f"node{i} slots={cfg.devices}\n" for i in range(cfg.nodes)))
+            cmd += ["--num_nodes", str(cfg.nodes), "--master_addr", host, "--master_port", str(port),
+                    "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank)]
         elif master_port:
             cmd += ["--master_port", str(master_port)]
         return cmd + ["--module", module, "--params", str(params_file)]
@@ -162,8 +179,7 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
     module, check, weights = _STAGES[stage]
     check(params)
     node_rank = node_rank_from_env() if node_rank is None else node_rank
-    if stage == "train" and params.train.checkpoint_uri and params.train.resume:
-        checkpoints.fetch_latest(params.train.checkpoint_uri, params.train.output_dir)  # this node's copy
+    resumed_run = _prepare_resume(params) if stage == "train" else None
     out = stage_output_dir(params, stage)
     out.mkdir(parents=True, exist_ok=True)
     params_file = out / f"params.resolved.node{node_rank}.yaml" if params.train.nodes > 1 else out / "params.resolved.yaml"
@@ -178,9 +194,9 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
     if params.tracking.enabled and node_rank == 0 and not os.environ.get(RUN_ID_ENV):
         from ..tracking import live
 
-        run_env = live.open_run(params, stage, out, _resumed_run_id(params) if stage == "train" else None)
+        run_env = live.open_run(params, stage, out, resumed_run)
         process_env.update(run_env)
-        (out / "error.json").unlink(missing_ok=True)
+    (out / "error.json").unlink(missing_ok=True)
     if stage == "train" and params.train.launcher == "trainjob":
         return _run_on_kubernetes(params, run_env, on_output or print)
     error_file = out / "error.json"  # written by rank 0 on a known error (see worker.py)

@@ -18,7 +18,10 @@ export PIP_CONSTRAINT="" PIP_FIND_LINKS=""
   "$(grep '^deepspeed==' "$here/requirements.txt" | sed 's/ .*//')"
 rm -f "$requirements"
 bytes=$(du -sb "$out" | cut -f1)
-echo "benchmarks/gpu/wheels: $(ls "$out" | wc -l) files, $((bytes / 1048576)) MiB"
+files=$(ls "$out" | wc -l)
+echo "benchmarks/gpu/wheels: $files files, $((bytes / 1048576)) MiB"
+printf '{"benchmark": "gpu_wheels", "python": "cp312", "files": %s, "bytes": %s, "mib": %s}\n' \
+  "$files" "$bytes" "$(awk "BEGIN {printf \"%.1f\", $bytes / 1048576}")" > "$here/../results/gpu-wheels.json"
 if [ "$bytes" -gt $((56 * 1048576)) ]; then  # the checkout itself needs the rest of the 64 MiB
   echo "more than 56 MiB: the device tool carries at most 64 MiB with the checkout" >&2
   exit 1

@@ -264,13 +264,20 @@ def _two_nodes(micro_data, out, launcher: str, steps: int, disks: tuple[Path, Pa
         assert node.returncode == 0, output[-4000:]
 
 
-def test_two_nodes_train_like_one_node_with_two_processes(micro_data, tmp_path):
-    steps = 6
-    one_node = tmp_path / "one-node"
-    process = _evaclip_train(_train_overrides(micro_data, one_node, **{"train.steps": steps}))
+@pytest.fixture(scope="module")
+def reference(micro_data, tmp_path_factory):
+    """One node of two processes, 8 steps, checkpoints at steps 4 and 8: what the several-node, object-storage
+    and resize tests compare with (their own MLflow store beside it: `tracking.default_store`)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    process = _evaclip_train(_train_overrides(micro_data, out, **{"train.steps": 8}))
     output = process.communicate(timeout=900)[0]
     assert process.returncode == 0, output[-4000:]
-    expected = load_file(str(one_node / "model.safetensors"))
+    return out
+
+
+def test_two_nodes_train_like_one_node_with_two_processes(micro_data, reference, tmp_path):
+    steps = 8
+    expected = load_file(str(reference / "model.safetensors"))
 
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
     for launcher in ("torchrun", "deepspeed"):  # c10d rendezvous; DeepSpeed's launcher without ssh
@@ -285,11 +292,12 @@ def test_two_nodes_train_like_one_node_with_two_processes(micro_data, tmp_path):
         assert client.get_run(run_id).info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, steps + 1))
     experiment = client.get_run(run_id).info.experiment_id
-    assert len(client.search_runs([experiment])) == 3  # one per training, none from node 1
+    assert len(client.search_runs([experiment])) == 2  # one per training, none from node 1
 
 
-def test_checkpoints_on_object_storage_need_no_shared_filesystem(micro_data, tmp_path, monkeypatch):
-    """Every rank's ZeRO partition reaches S3; nodes with empty, separate disks resume from there."""
+def test_checkpoints_on_object_storage_need_no_shared_filesystem(micro_data, reference, tmp_path, monkeypatch):
+    """Nodes with empty, separate disks resume from S3, and every rank's ZeRO partition reaches it."""
+    from evaclip.data.storage import filesystem
     from evaclip.train import checkpoints
 
     from .test_streaming import S3Server
@@ -301,36 +309,28 @@ def test_checkpoints_on_object_storage_need_no_shared_filesystem(micro_data, tmp
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.port}")
     try:
+        # Preempted at step 4: the store holds that checkpoint (as its ranks uploaded it) and names it latest.
         uri = "s3://bucket/runs/one"
-        straight = tmp_path / "straight"
-        process = _evaclip_train(_train_overrides(micro_data, straight, **{"train.steps": 8,
-                                                                             "train.checkpoint_uri": uri}))
-        output = process.communicate(timeout=900)[0]
-        assert process.returncode == 0, output[-4000:]
-        remote = tmp_path / "s3" / "bucket" / "runs" / "one"
-        assert (remote / "latest").read_text().strip() == "step_0000008"
-        assert sorted(p.name for p in remote.glob("step_*")) == ["step_0000004", "step_0000008"]  # keep 2
-        local_files = sorted(p.name for p in (straight / "step_0000008").iterdir())
-        assert sorted(p.name for p in (remote / "step_0000008").iterdir()) == local_files
-        assert {"rng_rank0.pt", "rng_rank1.pt"} <= set(local_files)
-        assert sum("zero_pp_rank_" in name for name in local_files) == 2  # both ranks' optimizer partitions
-
-        # Preempted: the store names step 4. The run resumes on two new nodes whose disks are empty and
-        # separate: each downloads every rank's files, each finalizes and uploads what its own ranks wrote.
-        from evaclip.data.storage import filesystem
-
         store, base = filesystem(uri)
-        store.rm(f"{base}/step_0000008", recursive=True)
+        for file in (reference / "step_0000004").iterdir():
+            store.put_file(str(file), f"{base}/step_0000004/{file.name}")
         store.pipe_file(f"{base}/latest", b"step_0000004\n")
+        # Two new nodes, disks empty and separate: each downloads every rank's files, finalizes its own folder
+        # and uploads what its own ranks wrote.
         disks = (tmp_path / "node0", tmp_path / "node1")
-        _two_nodes(micro_data, None, "torchrun", 8, disks, **{"train.checkpoint_uri": uri})
+        _two_nodes(micro_data, None, "torchrun", 8, disks, **{
+            "train.checkpoint_uri": uri, "tracking.default_store": reference.parent / "mlflow"})
         (fresh,) = [disk for disk in disks if (disk / "model.safetensors").is_file()]  # where rank 0 ran
         steps = [json.loads(line)["step"] for line in (fresh / "metrics.jsonl").read_text().splitlines()]
         assert steps == [5, 6, 7, 8]  # resumed at step 4
-        expected, resumed = load_file(str(straight / "model.safetensors")), load_file(str(fresh / "model.safetensors"))
+        expected, resumed = load_file(str(reference / "model.safetensors")), load_file(str(fresh / "model.safetensors"))
         for key, value in expected.items():
             torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
+        remote = tmp_path / "s3" / "bucket" / "runs" / "one"
         assert (remote / "latest").read_text().strip() == "step_0000008"
+        assert sorted(p.name for p in remote.glob("step_*")) == ["step_0000004", "step_0000008"]  # keep 2
+        local_files = sorted(p.name for p in (reference / "step_0000008").iterdir())
+        assert sum("zero_pp_rank_" in name for name in local_files) == 2  # both ranks' optimizer partitions
         assert sorted(p.name for p in (remote / "step_0000008").iterdir()) == local_files  # from both disks
         for disk in disks:
             assert (disk / "latest").read_text().strip() == "step_0000008" and not list(disk.glob(".tmp-*"))
@@ -371,16 +371,20 @@ def test_a_recipe_recorded_before_elastic_resume_still_matches():
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_a_run_resumes_on_another_number_of_processes(micro_data, tmp_path, before, after):
-    """ZeRO-1's elastic checkpoint: the optimizer partitions of `before` ranks, re-partitioned for `after`."""
+def test_a_run_resumes_on_another_number_of_processes(micro_data, reference, tmp_path, before, after):
+    """The optimizer partitions of `before` ranks, re-partitioned for `after` (DeepSpeed's universal format)."""
     import shutil
 
     global_batch, steps = 32, 8
-    shape = lambda n: {"train.steps": steps, "train.devices": n, "train.batch_size": global_batch // n}  # noqa: E731
-    reference = tmp_path / "reference"
-    process = _evaclip_train(_train_overrides(micro_data, reference, **shape(before)))
-    output = process.communicate(timeout=900)[0]
-    assert process.returncode == 0, output[-4000:]
+    store = reference.parent / "mlflow"  # the resumed run continues its reference's MLflow run
+    if before != 2:  # the shared reference is two processes of 16
+        reference, store = tmp_path / "reference", tmp_path / "mlflow"
+    shape = lambda n: {"train.steps": steps, "train.devices": n, "train.batch_size": global_batch // n,  # noqa: E731
+                       "tracking.default_store": store}
+    if before != 2:
+        process = _evaclip_train(_train_overrides(micro_data, reference, **shape(before)))
+        output = process.communicate(timeout=900)[0]
+        assert process.returncode == 0, output[-4000:]
     expected = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
 
     resized = tmp_path / "resized"  # the run as it stood at step 4, as if preempted there

@@ -244,6 +244,10 @@ class TrackingConfig(_Section):
     registered_model: Optional[str] = Field(None, description="default: evaclip-<model.name> (one per architecture)")
     promotion_metric: str = "zeroshot_top1"
     promotion_margin: float = Field(0.0, ge=0, description="a challenger must beat the champion by this much")
+    guard_metrics: list[str] = Field(default_factory=lambda: ["zeroshot_top1", "image_to_text_R@1", "text_to_image_R@1"],
+                                     description="compared on every other evaluation set both models were evaluated on")
+    guard_margin: float = Field(0.02, ge=0, description="a challenger losing more than this on any guard metric "
+                                                        "of another evaluation set is not promoted")
     retries: int = Field(3, ge=0, description="attempts to reach a tracking server before giving up")
 
 

@@ -86,7 +86,7 @@ def test_the_flow_runs_dvc_stages_so_dvc_has_nothing_left_to_do(first_run):
 
     client = _client(root)
     version = client.get_model_version_by_alias("evaclip-micro", "champion")
-    assert version.version == summary["decision"]["version"]
+    assert str(version.version) == summary["decision"]["version"]
     experiment = summary["dvc"]["dvc.experiment"]
     assert version.tags["dvc.experiment"] == experiment and len(version.tags["dvc.lock.code"]) == 16
     assert experiment in sh(["dvc", "exp", "list", "--all-commits", "--name-only"], root)

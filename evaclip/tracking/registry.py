@@ -52,6 +52,12 @@ class Decision:
     champion: str
     metric: Optional[float]
     champion_metric: Optional[float]
+    previous: Optional[str] = None  # the champion before this decision
+
+    @property
+    def moved(self) -> bool:
+        """Whether this decision moved `champion` (operators are told)."""
+        return self.promoted and self.previous != self.champion
 
 
 def registered_name(params: Params) -> str:
@@ -145,7 +151,8 @@ def register_and_promote(params: Params, record: TrackingRecord, tags: Optional[
     _record_on_run(client, record.eval_run_id, name, version, promoted, reason, final)
     final_tags = _tags(client, name, final) if final else {}
     return Decision(name, version, promoted and final == version, reason, final or "",
-                    _float(record.metrics.get(metric)), _float(final_tags.get(metric)) if final_tags else None)
+                    _float(record.metrics.get(metric)), _float(final_tags.get(metric)) if final_tags else None,
+                    champion_version)
 
 
 @contextmanager

@@ -19,11 +19,14 @@ export HF_HUB_OFFLINE = 1
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
-	@# Fashion-MNIST (the demo's data) is a Debian package; install it when we can.
-	@if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+	@# Debian packages: Fashion-MNIST (the demo's data) and PostgreSQL 15 (`make stack` and its tests), without
+	@# the default cluster a PostgreSQL package would create and start (the stack runs its own).
+	@missing=$$(for p in dataset-fashion-mnist postgresql-15; do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
-	  else echo "note: run 'sudo apt-get install dataset-fashion-mnist' for the demo data"; fi; \
+	    mkdir -p /etc/postgresql-common && echo "create_main_cluster = false" >> /etc/postgresql-common/createcluster.conf; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: run 'sudo apt-get install $$missing' (demo data, make stack)"; fi; \
 	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

@@ -138,11 +138,12 @@ class Stack:
     """Start with `with Stack(state, project) as stack:`; `stack.env` holds what the pipeline's clients need."""
 
     def __init__(self, state: Path, project: Path, ports: dict[str, int] | None = None, worker: bool = True,
-                 env_file: Path | None = None):
+                 env_file: Path | None = None, notify_url: str | None = None):
         self.state, self.project = Path(state).resolve(), Path(project).resolve()
         self.ports = dict(ports or DEFAULT_PORTS)
         self.worker = worker
         self.env_file = Path(env_file) if env_file else self.project / ".env"
+        self.notify_url = notify_url  # default: NOTIFY_URL of the env file
         self.secrets: dict[str, str] = {}
         self.processes: list[subprocess.Popen] = []
         self.postgres_data = self.state / "postgres"
@@ -296,6 +297,12 @@ class Stack:
         self._wait_http(f"{self.url('prefect')}/health", "prefect server")
         self._prefect("work-pool", "create", POOL, "--type", "process", "--overwrite")
         self._prefect("--no-prompt", "deploy", "--name", "weekly-retraining")  # gpu-cluster needs Kubernetes
+        notify_url = self.notify_url or self.secrets.get("NOTIFY_URL")
+        if notify_url:
+            result = subprocess.run([sys.executable, "-m", "flows.notifications", notify_url], cwd=REPO, text=True,
+                                    env=self._process_env(), capture_output=True, timeout=300)
+            if result.returncode != 0:
+                raise StackError(f"notifications to {notify_url} could not be set up:\n{result.stderr[-2000:]}")
         if self.worker:
             self._spawn("prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOL])
 

@@ -27,8 +27,9 @@ def test_compose_file_is_valid_against_the_compose_specification():
 def test_services_ports_and_healthchecks():
     services = _compose()["services"]
     assert {"postgres", "minio", "minio-buckets", "mlflow", "prefect-server", "prefect-worker"} <= set(services)
-    assert "5000:5000" in services["mlflow"]["ports"] and "4200:4200" in services["prefect-server"]["ports"]
-    assert "9000:9000" in services["minio"]["ports"]
+    assert "${BIND_ADDRESS:-127.0.0.1}:5000:5000" in services["mlflow"]["ports"]
+    assert "${BIND_ADDRESS:-127.0.0.1}:4200:4200" in services["prefect-server"]["ports"]
+    assert "${BIND_ADDRESS:-127.0.0.1}:9000:9000" in services["minio"]["ports"]
     for name in ("postgres", "minio", "mlflow", "prefect-server"):
         assert "healthcheck" in services[name], name
     gpu = services["prefect-worker"]["deploy"]["resources"]["reservations"]["devices"][0]
@@ -41,8 +42,27 @@ def test_the_worker_gets_the_variables_the_code_reads():
     assert worker["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"  # evaclip.tracking.store reads it
     assert worker["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert {"MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(worker)
-    mlflow_command = _compose()["services"]["mlflow"]["command"]
-    assert "postgresql+psycopg2://" in mlflow_command and "--artifacts-destination s3://" in mlflow_command
+    mlflow = _compose()["services"]["mlflow"]
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
+    assert "--artifacts-destination s3://" in mlflow["command"][0]
+
+
+def test_doors_are_locked():
+    """Published only on BIND_ADDRESS (the TLS proxy apart), MLflow behind basic-auth, Prefect behind its auth string,
+    the worker as the pipeline's identity; every credential comes from .env."""
+    services = _compose()["services"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith("${BIND_ADDRESS:-127.0.0.1}:") or "tls" in service.get("profiles", []), (name, port)
+    assert "--app-name basic-auth" in services["mlflow"]["command"][0]
+    assert services["mlflow"]["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"] == "${MLFLOW_ADMIN_PASSWORD}"
+    assert services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"] == "${PREFECT_AUTH_STRING}"
+    worker = services["prefect-worker"]["environment"]
+    assert worker["PREFECT_API_AUTH_STRING"] == "${PREFECT_AUTH_STRING}"
+    assert worker["MLFLOW_TRACKING_USERNAME"] == "${MLFLOW_PIPELINE_USERNAME}"
+    assert "deploy/stack.py --mlflow-users" in services["mlflow-users"]["command"]
+    text = (REPO / "docker-compose.yml").read_text()
+    assert not re.search(r"(PASSWORD|SECRET|AUTH_STRING)\w*: (?!\$\{)", text)  # no literal credential
 
 
 def test_every_variable_has_an_example_and_no_secret_is_committed():

@@ -248,7 +248,10 @@ class TrackingConfig(_Section):
                                      description="compared on every other evaluation set both models were evaluated on")
     guard_margin: float = Field(0.02, ge=0, description="a challenger losing more than this on any guard metric "
                                                         "of another evaluation set is not promoted")
-    retries: int = Field(3, ge=0, description="attempts to reach a tracking server before giving up")
+    retries: int = Field(6, ge=0, description="attempts to reach a tracking server before giving up (backoff 2, 4 .. "
+                                               "64 s: about 2 minutes with 6, what a server's restart takes)")
+    flush_timeout_s: float = Field(600, ge=0, description="at the end of training, how long rank 0 waits for a tracking "
+                                                          "server that went away to take its kept metrics")
 
 
 class Params(_Section):

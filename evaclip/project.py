@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,14 +58,35 @@ def dvc(args: list[str], root: Path, on_output: Optional[Callable[[str], None]] 
     lines = []
     with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=process_env, text=True, bufsize=1,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
-        for line in process.stdout:
-            lines.append(line)
-            if on_output:
-                on_output(line.rstrip())
+        try:
+            for line in process.stdout:
+                lines.append(line)
+                if on_output:
+                    on_output(line.rstrip())
+        except BaseException:  # stopped (a cancelled flow run): the training's last lines, its checkpoint, still count
+            _drain(process, lines, on_output, seconds=25)
+            raise
     output = "".join(lines)
     if process.returncode != 0:
         raise EvaclipError(f"`dvc {' '.join(args)}` failed in {root}:\n{output.strip()[-4000:]}")
     return output
+
+
+def _drain(process: subprocess.Popen, lines: list[str], on_output, seconds: float) -> None:
+    """Keep reading what the stopping stage writes, for at most `seconds`: a closed pipe would make its
+    processes fail while they save."""
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line)
+            try:
+                if on_output:
+                    on_output(line.rstrip())
+            except Exception:  # noqa: BLE001 - the logger of a run being torn down
+                pass
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(seconds)
 
 
 @contextmanager

@@ -163,7 +163,16 @@ def _evaclip_train(args, **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def test_sigkill_mid_training_then_resume_ends_with_the_same_weights(micro_data, tmp_path):
+def _wait_for(condition, polls: int = 45000) -> None:
+    """Poll `condition` every 20 ms (a bound on polls, not a deadline the test measures)."""
+    for _ in range(polls):
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition never held")
+
+
+def test_sigterm_then_sigkill_mid_training_then_resume_ends_with_the_same_weights(micro_data, tmp_path):
     straight = tmp_path / "straight"
     periodic = {"eval.every_n_steps": 12, "eval.sets": f"[{micro_data / 'eval-folder'}]"}
     process = _evaclip_train(_train_overrides(micro_data, straight, **periodic))
@@ -176,12 +185,29 @@ def test_sigkill_mid_training_then_resume_ends_with_the_same_weights(micro_data,
     assert [m["token_masking"] for m in metrics[-4:]] == [0.5, 0.0, 0.0, 0.0]  # FLIP's unmasked tuning
     assert [m["step"] for m in metrics if "eval_zeroshot_top1" in m] == [12, 24]  # evaluation during training
 
+    # SIGTERM to the launcher's process group, as Prefect sends on a cancelled flow run: every rank saves the
+    # step it reached, and everything exits with 128 + 15; the MLflow run is KILLED.
     crashed = tmp_path / "crashed"
+    process = _evaclip_train(_train_overrides(micro_data, crashed), start_new_session=True)
+    _wait_for(lambda: (crashed / "metrics.jsonl").is_file() and len((crashed / "metrics.jsonl").read_text().split()) >= 2
+              or process.poll() is not None)
+    processes = psutil.Process(process.pid).children(recursive=True)  # torchrun and the ranks, in sessions of their own
+    commands = [" ".join(p.cmdline()) for p in processes]
+    os.killpg(process.pid, signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 143 and "stopped by SIGTERM" in output, output[-3000:]
+    assert sum("evaclip.train.worker" in c and "torch.distributed.run" not in c for c in commands) == 2, commands
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)
+    stopped_at = json.loads((crashed / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert (crashed / "latest").read_text().strip() == f"step_{stopped_at:07d}" and stopped_at < 24  # this step saved
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    run_id = json.loads((crashed / "mlflow_run.json").read_text())["run_id"]
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    # It resumes from there; then SIGKILL torchrun and both ranks at once, mid-training, after its next checkpoint.
     process = _evaclip_train(_train_overrides(micro_data, crashed))
-    deadline = time.time() + 900
-    while not (crashed / "latest").is_file() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    # SIGKILL torchrun and both ranks at once, mid-training; `evaclip train` (the launcher) outlives them.
+    _wait_for(lambda: (crashed / "latest").read_text().strip() != f"step_{stopped_at:07d}" or process.poll() is not None)
+    # `evaclip train` (the launcher) outlives them.
     for victim in psutil.Process(process.pid).children(recursive=True):
         victim.send_signal(signal.SIGKILL)
     output = process.communicate()[0]
@@ -190,8 +216,7 @@ def test_sigkill_mid_training_then_resume_ends_with_the_same_weights(micro_data,
     assert killed_at != "step_0000024" and not (crashed / "model.safetensors").exists(), "the run ended before the kill"
 
     # MLflow saw the run as it went: FAILED, with every step up to the last checkpoint (flushed there) logged.
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
-    run_id = json.loads((crashed / "mlflow_run.json").read_text())["run_id"]
+    assert json.loads((crashed / "mlflow_run.json").read_text())["run_id"] == run_id
     assert client.get_run(run_id).info.status == "FAILED"
     logged = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert set(range(1, int(killed_at.split("_")[1]) + 1)) <= set(logged)

@@ -10,11 +10,17 @@ and records every checkpoint as a LoggedModel with its step.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
 import mlflow
+from mlflow.entities import Metric
 
 from ..config import Params
 from ..train.callbacks import BaseCallback
@@ -50,8 +56,9 @@ def open_run(params: Params, stage: str, out: Path, resume_run_id: Optional[str]
     return {RUN_ID_ENV: run_id, "MLFLOW_TRACKING_URI": tracking_uri(params)}
 
 
-def close_run(params: Params, run_id: str, succeeded: bool) -> None:
-    connect(params).set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+def close_run(params: Params, run_id: str, succeeded: bool, stopped: bool = False) -> None:
+    """FINISHED, FAILED, or KILLED when a signal stopped it (its last checkpoint resumes it, in this run)."""
+    connect(params).set_terminated(run_id, "FINISHED" if succeeded else "KILLED" if stopped else "FAILED")
 
 
 def run_id_of(out: Path) -> Optional[str]:
@@ -74,43 +81,158 @@ def _fail_orphan(client, run_file: Path, keep: Optional[str]) -> None:
         pass  # another store, or deleted: not ours to fix
 
 
+logger = logging.getLogger(__name__)
+CHECKPOINT_DRAIN_S = 5.0
+
+
+class Outbox:
+    """What rank 0 sends to the tracking server, in order, from a thread: kept and retried while it is away.
+
+    `put` never blocks the training step. `close(timeout)` waits until everything was sent (or the timeout passed,
+    after which what is left is written to `spill` as JSON lines and named in the log).
+    """
+
+    def __init__(self, client, run_id: str, spill: Path, batch: int = 500, retry_s: tuple[float, float] = (1, 30)):
+        self.client, self.run_id, self.spill, self.batch = client, run_id, Path(spill), batch
+        self.retry_s = retry_s
+        self.items: deque = deque()  # Metric, or a callable (a checkpoint's record)
+        self.ready = threading.Condition()
+        self.closing = False
+        self.away_since: Optional[float] = None
+        self.thread = threading.Thread(target=self._send_loop, name="mlflow-outbox", daemon=True)
+        self.thread.start()
+
+    def put_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        with self.ready:
+            self.items.extend(Metric(key, float(value), now, step) for key, value in metrics.items())
+            self.ready.notify_all()
+
+    def put_call(self, call: Callable[[], None]) -> None:
+        with self.ready:
+            self.items.append(call)
+            self.ready.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait (at most `timeout`) until everything put so far was sent; True if it was."""
+        with self.ready:
+            return self.ready.wait_for(lambda: not self.items, timeout)
+
+    def close(self, timeout: float) -> bool:
+        """Send what is left; True if everything reached the server."""
+        with self.ready:
+            self.closing = True
+            self.ready.notify_all()
+        self.thread.join(timeout)
+        if not self.items:
+            return True
+        left = list(self.items)
+        metrics = [m for m in left if isinstance(m, Metric)]
+        with open(self.spill, "a") as handle:
+            for m in metrics:
+                handle.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
+        logger.error("tracking server unreachable for %.0f s at the end of training: %d metrics of run %s kept in %s "
+                     "(and %d checkpoint records not sent)", timeout, len(metrics), self.run_id, self.spill,
+                     len(left) - len(metrics))
+        return False
+
+    def _send_loop(self) -> None:
+        delay = self.retry_s[0]
+        while True:
+            with self.ready:
+                while not self.items and not self.closing:
+                    self.ready.wait()
+                if not self.items:
+                    return
+                head = self.items[0]
+                chunk = _leading_metrics(self.items, self.batch) if isinstance(head, Metric) else [head]
+            try:
+                if isinstance(head, Metric):
+                    self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+                else:
+                    head()
+            except Exception as error:  # noqa: BLE001 - the server is away: keep everything, try again later
+                if self.away_since is None:
+                    self.away_since = time.monotonic()
+                    logger.warning("tracking server not answering (%s); metrics are kept and sent once it is back",
+                                   type(error).__name__)
+                time.sleep(delay)
+                delay = min(delay * 2, self.retry_s[1])
+                continue
+            if self.away_since is not None:
+                logger.warning("tracking server back after %.0f s; sending what was kept",
+                               time.monotonic() - self.away_since)
+                self.away_since = None
+            delay = self.retry_s[0]
+            with self.ready:
+                for _ in range(len(chunk)):
+                    self.items.popleft()
+                self.ready.notify_all()
+
+
+def _leading_metrics(items: deque, limit: int) -> list[Metric]:
+    """The metrics at the front of `items`, up to `limit`, stopping at the first record (order is kept)."""
+    chunk = []
+    for item in items:
+        if not isinstance(item, Metric) or len(chunk) == limit:
+            break
+        chunk.append(item)
+    return chunk
+
+
 class MlflowLogger(BaseCallback):
-    """Rank 0's metrics and checkpoints into the launcher's run (see `open_run`).
+    """Rank 0's metrics and checkpoints into the launcher's run (see `open_run`), through an `Outbox`.
 
     The run id comes from the environment, read at the start of training: on several nodes it reaches rank 0
     from node 0's launcher once the ranks have joined (`train/distributed.py`). Without one it logs nothing.
     """
 
-    def __init__(self, stage: str = "train", run_id: Optional[str] = None):
-        self.stage, self.run_id = stage, run_id
+    def __init__(self, stage: str = "train", run_id: Optional[str] = None, out: Optional[Path] = None,
+                 flush_timeout_s: float = 600):
+        self.stage, self.run_id, self.out, self.flush_timeout_s = stage, run_id, out, flush_timeout_s
+        self.outbox: Optional[Outbox] = None
 
     def on_train_start(self, info):
         self.run_id = self.run_id or os.environ.get(RUN_ID_ENV)
         if self.run_id is None:
             return
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(self.run_id).info.experiment_id)
+        client = mlflow.MlflowClient()
+        mlflow.set_experiment(experiment_id=client.get_run(self.run_id).info.experiment_id)
         self.run = mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
+        self.outbox = Outbox(client, self.run_id, Path(self.out or ".") / "unsent_metrics.jsonl")
 
     def on_step(self, step, metrics):
-        if self.run_id is None:
-            return
-        mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in metrics.items()}, step=step, synchronous=False)
+        if self.outbox is not None:
+            self.outbox.put_metrics({k.replace("/", "_"): v for k, v in metrics.items()}, step)
 
     def on_checkpoint(self, step, path):
-        if self.run_id is None:
+        if self.outbox is None:
             return
-        mlflow.flush_async_logging()
-        model = mlflow.initialize_logged_model(name=f"{self.stage}-checkpoint", source_run_id=self.run_id,
-                                               params={"step": str(step), "path": str(path)},
-                                               tags={"evaclip.stage": self.stage})
-        mlflow.log_metric("checkpoint_step", step, step=step, model_id=model.model_id)
-        mlflow.MlflowClient().finalize_logged_model(model.model_id, "READY")
+        stage, run_id = self.stage, self.run_id
+
+        def record() -> None:
+            client = mlflow.MlflowClient()
+            model = client.create_logged_model(self.run.info.experiment_id, name=f"{stage}-checkpoint",
+                                               source_run_id=run_id, params={"step": str(step), "path": str(path)},
+                                               tags={"evaclip.stage": stage})
+            client.log_batch(run_id, metrics=[Metric("checkpoint_step", step, int(time.time() * 1000), step,
+                                                     model_id=model.model_id)])
+            client.finalize_logged_model(model.model_id, "READY")
+
+        self.outbox.put_call(record)
+        # A run killed later still holds every step up to its last checkpoint; a server that is away costs
+        # the step this wait, not the training.
+        self.outbox.drain(CHECKPOINT_DRAIN_S)
 
     def on_train_end(self, info):
-        if self.run_id is None:
+        if self.outbox is None:
             return
         if info.get("data_quality"):
-            mlflow.log_dict(info["data_quality"], "data_quality.json")
-        mlflow.flush_async_logging()
-        mlflow.end_run()  # the launcher sets the final status once every rank has exited
+            quality = info["data_quality"]
+            self.outbox.put_call(lambda: mlflow.MlflowClient().log_dict(self.run_id, quality, "data_quality.json"))
+        self.outbox.close(self.flush_timeout_s)
+        try:
+            mlflow.end_run()  # stops the system metrics; the launcher sets the final status once every rank exited
+        except Exception as error:  # noqa: BLE001 - the server is away: the launcher closes the run
+            logger.warning("could not end run %s from rank 0 (%s)", self.run_id, type(error).__name__)

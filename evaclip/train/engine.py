@@ -27,6 +27,7 @@ from . import checkpoints
 from .callbacks import Callback
 from .distributed import init_distributed
 from .ds_config import clip_gradients, deepspeed_config
+from .preemption import StopRequest, TrainingStopped
 
 DATA_REPORT = "data_report.json"  # shards skipped on every rank, and rank 0's share of each shard set
 MAX_LOGIT_SCALE = 100.0  # open_clip clamps the learned temperature at ln(100)
@@ -58,6 +59,7 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
     cfg = params.train
     rank, world = init_distributed()
     callbacks = list(callbacks) if rank == 0 else []
+    stop = StopRequest(Path(cfg.output_dir) / f"output-after-stop.rank{rank}.log")
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
     model = create_model(params.model)
@@ -154,15 +156,14 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
                 metrics.update(_data_metrics(data_report))
                 for callback in callbacks:
                     callback.on_step(state["step"], metrics)
+            saved = None
             if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
-                rank_state = {"data": {"workers": params.data.workers, "positions": data_report.positions,
-                                       "skipped": data_report.skipped}}
-                saved_state = {**state, "world_size": world}
-                path = checkpoints.save(engine, cfg.output_dir, saved_state, cfg.keep_checkpoints, rank_state)
-                if cfg.checkpoint_uri:
-                    checkpoints.upload(path, cfg.checkpoint_uri, cfg.keep_checkpoints)
+                saved = _save(engine, cfg, state, world, params.data.workers, data_report, callbacks)
+            if stop.agreed():  # a signal reached some rank: all of them save this step, then stop
+                path = saved or _save(engine, cfg, state, world, params.data.workers, data_report, callbacks)
                 for callback in callbacks:
-                    callback.on_checkpoint(state["step"], path)
+                    callback.on_train_end({"steps": state["step"], "final_loss": loss_value, "stopped": True})
+                raise TrainingStopped(stop.signum, state["step"], path)
             if state["step"] >= cfg.steps:
                 break
         else:
@@ -185,7 +186,19 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
                                "data_quality": data_quality})
     if rank == 0 and cfg.checkpoint_uri:  # after the callbacks: metrics.csv is written at the end
         checkpoints.upload_outputs(Path(cfg.output_dir), cfg.checkpoint_uri)
+    stop.close()
     return result
+
+
+def _save(engine, cfg, state: dict, world: int, workers: int, data_report: DataReport, callbacks) -> Path:
+    """A checkpoint of this step on every rank (and on object storage), announced to the callbacks."""
+    rank_state = {"data": {"workers": workers, "positions": data_report.positions, "skipped": data_report.skipped}}
+    path = checkpoints.save(engine, cfg.output_dir, {**state, "world_size": world}, cfg.keep_checkpoints, rank_state)
+    if cfg.checkpoint_uri:
+        checkpoints.upload(path, cfg.checkpoint_uri, cfg.keep_checkpoints)
+    for callback in callbacks:
+        callback.on_checkpoint(state["step"], path)
+    return path
 
 
 # Settings that may change between a run and its resume; everything else must match.

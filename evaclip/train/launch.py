@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from ..model import model_config
 from . import checkpoints
 from .distributed import RUN_ID_ENV
 from .engine import init_checkpoint, recipe_changes, run_recipe
+from .preemption import SHUTDOWN_TIMEOUT_S, SIGNALS, die_with_parent
 
 
 def stage_output_dir(params: Params, stage: str) -> Path:
@@ -157,7 +159,8 @@ def launch_command(params_file: Path, params: Params, master_port: Optional[int]
         elif master_port:
             cmd += ["--master_port", str(master_port)]
         return cmd + ["--module", module, "--params", str(params_file)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.devices)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.devices),
+           "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
     if cfg.nodes > 1:  # c10d: no static master; the ranks are given out as nodes join
         host, port = rendezvous_endpoint(cfg)
         cmd += ["--nnodes", str(cfg.nodes), "--node-rank", str(node_rank), "--rdzv-backend", "c10d",
@@ -201,26 +204,53 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
         return _run_on_kubernetes(params, run_env, on_output or print)
     error_file = out / "error.json"  # written by rank 0 on a known error (see worker.py)
     command = launch_command(params_file, params, master_port, module, node_rank)
-    if on_output is None:
-        returncode = subprocess.run(command, env=process_env).returncode
-    else:
-        with subprocess.Popen(command, env=process_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, bufsize=1) as process:
-            for line in process.stdout:
-                on_output(line.rstrip())
-        returncode = process.returncode
+    returncode, signum = _run_forwarding_signals(command, process_env, on_output)
     if run_env:
         from ..tracking import live
 
-        live.close_run(params, run_env[RUN_ID_ENV], succeeded=returncode == 0)
+        live.close_run(params, run_env[RUN_ID_ENV], succeeded=returncode == 0, stopped=signum is not None)
     if returncode != 0:
         error = EvaclipError(f"{stage} failed (exit code {returncode}); what it saved is kept in {out}")
+        if signum is not None:
+            error = EvaclipError(f"{stage} stopped by {signal.Signals(signum).name}; what it saved is kept in {out}")
+            error.exit_code = 128 + signum
         if error_file.is_file():
             known = json.loads(error_file.read_text())
             error = EvaclipError(f"{stage} stopped: {known['message']}")
             error.exit_code = known["exit_code"]
         raise error
     return out / weights
+
+
+def _run_forwarding_signals(command: list[str], env: dict[str, str],
+                            on_output: Optional[Callable[[str], None]]) -> tuple[int, Optional[int]]:
+    """Run the launcher (torchrun, deepspeed) in a session of its own; the first SIGTERM, SIGINT or SIGHUP that
+    reaches this process is forwarded to it once, and this process waits for it to stop its ranks (which
+    checkpoint first: train/preemption.py). Returns (exit code, the signal received or None).
+
+    Its own session: a signal to this process group (Prefect's cancellation, Ctrl-C) reaches it exactly once,
+    through here; torchrun restarts its shutdown on a second one. It gets SIGTERM if this process dies.
+    """
+    received: list[int] = []
+    stdout = subprocess.PIPE if on_output else None
+    process = subprocess.Popen(command, env=env, stdout=stdout, stderr=subprocess.STDOUT if on_output else None,
+                               text=True, bufsize=1, start_new_session=True, preexec_fn=die_with_parent)
+
+    def forward(signum, frame) -> None:
+        if not received:
+            received.append(signum)
+            process.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in SIGNALS}
+    try:
+        if on_output:
+            for line in process.stdout:
+                on_output(line.rstrip())
+        process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return process.returncode, (received[0] if received else None)
 
 
 def _run_on_kubernetes(params: Params, run_env: dict[str, str], on_output: Callable[[str], None]) -> Path:

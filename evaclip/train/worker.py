@@ -38,7 +38,7 @@ def run_worker(run, stage: str, argv: list[str] | None = None) -> int:
     if params.tracking.enabled and os.environ.get("RANK", "0") == "0":
         from ..tracking.live import MlflowLogger  # the launcher's run (tracking/live.py), if it opened one
 
-        callbacks.append(MlflowLogger(stage))
+        callbacks.append(MlflowLogger(stage, out=out, flush_timeout_s=params.tracking.flush_timeout_s))
     try:
         result = run(params, callbacks)
     except EvaclipError as err:

@@ -145,7 +145,7 @@ class Stack:
         self.env_file = Path(env_file) if env_file else self.project / ".env"
         self.notify_url = notify_url  # default: NOTIFY_URL of the env file
         self.secrets: dict[str, str] = {}
-        self.processes: list[subprocess.Popen] = []
+        self.processes: dict[str, subprocess.Popen] = {}  # service name -> its process (PostgreSQL: pg_ctl's)
         self.postgres_data = self.state / "postgres"
         self.log_dir = self.state / "logs"
         self.applied_file = self.state / "applied.env"  # the credentials in effect (what a rotation changes from)
@@ -206,19 +206,34 @@ class Stack:
         self.write_env_file()
 
     def stop(self) -> None:
-        for process in reversed(self.processes):
-            for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):  # a Prefect worker ignores the first TERM
-                try:
-                    os.killpg(process.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    process.wait(timeout=20)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        self.processes.clear()
+        for name in reversed(list(self.processes)):
+            self.stop_service(name)
         self.stop_postgres()
+
+    def stop_service(self, name: str) -> None:
+        """Stop one service (`postgres`, `s3`, `mlflow`, `prefect-server`, `prefect-worker`), as a crash or a
+        restart would; `start_service` brings it back with the same state and credentials."""
+        if name == "postgres":
+            self.stop_postgres()
+            return
+        process = self.processes.pop(name)
+        # The worker is given time: a flow run it stops sends its training's ranks SIGTERM, and they checkpoint.
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):  # a Prefect worker turns the 1st into SIGINT
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+    def start_service(self, name: str) -> None:
+        applied = self.secrets  # what start() put in effect
+        {"postgres": lambda: self._start_postgres(applied), "s3": self._start_s3,
+         "mlflow": lambda: self._start_mlflow(applied), "prefect-server": self._start_prefect_server,
+         "prefect-worker": self._start_worker}[name]()
 
     def stop_postgres(self) -> None:
         if (self.postgres_data / "postmaster.pid").is_file():
@@ -266,7 +281,7 @@ class Stack:
         self._spawn("s3", [rclone, "serve", "s3", str(buckets), "--addr", f"{self.bind}:{self.ports['s3']}",
                            "--etag-hash", "MD5", "--force-path-style"],
                     extra_env={"RCLONE_AUTH_KEY": keys})  # not on the command line, where `ps` shows it
-        self._wait_port(self.ports["s3"], "rclone serve s3")
+        self._wait_port(self.ports["s3"], "s3")
 
     def _start_mlflow(self, applied: dict[str, str] | None) -> None:
         database = (f"postgresql+psycopg2://{self.secrets['POSTGRES_USER']}:{self.secrets['POSTGRES_PASSWORD']}"
@@ -276,7 +291,11 @@ class Stack:
         auth_ini = write_private(self.state / "mlflow" / "basic_auth.ini", (
             "[mlflow]\ndefault_permission = READ\n"  # every identity reads; only a resource's owner changes it
             f"database_uri = {database}/mlflow_auth\nadmin_username = {admin}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"))
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            # Each request's password check is a PBKDF2 hash (hundreds of ms of CPU): a training run logging
+            # every step kept the server busy. Cached per worker for 60 s; a password changed through the API
+            # takes effect at once on this single worker.
+            "auth_cache_ttl_seconds = 60\n"))
         self._spawn("mlflow", [
             str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", self.bind,
             "--port", str(self.ports["mlflow"]), "--workers", "1",
@@ -284,17 +303,14 @@ class Stack:
         ], extra_env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_BACKEND_STORE_URI": f"{database}/mlflow",
                       "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini), "MLFLOW_AUTH_ADMIN_PASSWORD": in_effect,
                       "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets["MLFLOW_FLASK_SERVER_SECRET_KEY"]})
-        self._wait_http(f"{self.url('mlflow')}/health", "mlflow server")
+        self._wait_http(f"{self.url('mlflow')}/health", "mlflow")
         if in_effect != admin_password:
             ensure_mlflow_users(self.url("mlflow"), (admin, in_effect), {admin: admin_password})
         ensure_mlflow_users(self.url("mlflow"), (admin, admin_password), dict([self.identity("pipeline"),
                                                                               self.identity("reader")]))
 
     def _start_prefect(self) -> None:
-        self._spawn("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", self.bind,
-                                       "--port", str(self.ports["prefect"])],
-                    extra_env={"PREFECT_SERVER_API_AUTH_STRING": self.secrets["PREFECT_AUTH_STRING"]})
-        self._wait_http(f"{self.url('prefect')}/health", "prefect server")
+        self._start_prefect_server()
         self._prefect("work-pool", "create", POOL, "--type", "process", "--overwrite")
         self._prefect("--no-prompt", "deploy", "--name", "weekly-retraining")  # gpu-cluster needs Kubernetes
         notify_url = self.notify_url or self.secrets.get("NOTIFY_URL")
@@ -304,7 +320,16 @@ class Stack:
             if result.returncode != 0:
                 raise StackError(f"notifications to {notify_url} could not be set up:\n{result.stderr[-2000:]}")
         if self.worker:
-            self._spawn("prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOL])
+            self._start_worker()
+
+    def _start_prefect_server(self) -> None:
+        self._spawn("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", self.bind,
+                                       "--port", str(self.ports["prefect"])],
+                    extra_env={"PREFECT_SERVER_API_AUTH_STRING": self.secrets["PREFECT_AUTH_STRING"]})
+        self._wait_http(f"{self.url('prefect')}/health", "prefect-server")
+
+    def _start_worker(self) -> None:
+        self._spawn("prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOL])
 
     def _add_dvc_remote(self) -> None:
         if not (self.project / ".dvc").is_dir():
@@ -323,8 +348,8 @@ class Stack:
 
     def _spawn(self, name: str, command: list[str], extra_env: dict[str, str] | None = None) -> None:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it open
-        self.processes.append(subprocess.Popen(command, cwd=self.project, env=self._process_env(extra_env),
-                                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        self.processes[name] = subprocess.Popen(command, cwd=self.project, env=self._process_env(extra_env),
+                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def _prefect(self, *args: str) -> str:
         result = subprocess.run([str(BIN / "prefect"), *args], cwd=self.project, env=self._process_env(),
@@ -361,9 +386,10 @@ class Stack:
             time.sleep(0.2)
         raise StackError(f"{what} did not listen on 127.0.0.1:{port} (see {self.log_dir})")
 
-    def _check_alive(self, what: str) -> None:
-        if self.processes and self.processes[-1].poll() is not None:
-            raise StackError(f"{what} exited with code {self.processes[-1].returncode} (see {self.log_dir})")
+    def _check_alive(self, name: str) -> None:
+        process = self.processes.get(name)
+        if process is not None and process.poll() is not None:
+            raise StackError(f"{name} exited with code {process.returncode} (see {self.log_dir / name}.log)")
 
 
 def main() -> None:
@@ -400,7 +426,7 @@ def main() -> None:
             print(f"  Prefect UI: {stack.url('prefect').removesuffix('/api')}   MLflow UI: {stack.url('mlflow')}   "
                   f"S3: {stack.url('s3')}   credentials: {stack.env_file}")
             print("  run: prefect deployment run 'evaclip-pipeline/weekly-retraining' --watch", flush=True)
-            while all(p.poll() is None for p in stack.processes):
+            while all(p.poll() is None for p in stack.processes.values()):
                 time.sleep(1)
             raise StackError(f"a service stopped (see {stack.log_dir})")
     except StackError as error:

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,7 +108,16 @@ def stages(root: Path) -> dict[str, str]:
 
 def changed(root: Path, stage: str) -> bool:
     """Whether `dvc repro` would run `stage` (its deps, params or outputs differ from dvc.lock)."""
-    return bool(json.loads(dvc(["status", "--json", stage], root) or "{}"))
+    # stdout alone: DVC's warnings (after a run that was stopped, say) go to stderr and are not JSON.
+    result = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", stage], cwd=root, text=True,
+                            capture_output=True, env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+    try:
+        if result.returncode == 0:
+            return bool(json.loads(result.stdout or "{}"))
+    except json.JSONDecodeError:
+        pass
+    raise EvaclipError(f"`dvc status --json {stage}` failed in {root} (exit code {result.returncode}):\n"
+                       f"{(result.stdout + result.stderr).strip()[-4000:]}")
 
 
 def reproduce(root: Path, stage: str, force: bool = False, on_output: Optional[Callable[[str], None]] = None,
@@ -131,11 +141,26 @@ def save_experiment(root: Path, name: str) -> str:
     return ref[0] if ref else ""
 
 
-def push(root: Path, remote: Optional[str] = None) -> None:
-    """Every stage's cached outputs (and the imported data) to the DVC remote, if the project has one."""
+def push(root: Path, remote: Optional[str] = None, attempts: int = 5,
+         on_retry: Optional[Callable[[int, str], None]] = None) -> None:
+    """Every stage's cached outputs (and the imported data) to the DVC remote, if the project has one.
+
+    A remote that stops answering part-way (a restarting S3 server) gets `attempts` tries, 2, 4, 8 .. s apart:
+    `dvc push` sends only what the remote lacks, so a retry finishes the transfer. `on_retry(attempt, error)`.
+    """
     remotes = dvc(["remote", "list"], root)
-    if remote or remotes.strip():
-        dvc(["push", *(["-r", remote] if remote else [])], root)
+    if not (remote or remotes.strip()):
+        return
+    for attempt in range(1, attempts + 1):
+        try:
+            dvc(["push", *(["-r", remote] if remote else [])], root)
+            return
+        except EvaclipError as error:
+            if attempt == attempts:
+                raise
+            if on_retry:
+                on_retry(attempt, str(error))
+            time.sleep(2 ** attempt)
 
 
 def lock_digests(root: Path) -> dict[str, str]:

@@ -141,7 +141,9 @@ def tag_runs(params: Params, run_ids: list[str], tags: dict[str, str], status: O
 
 @task(retries=3, retry_delay_seconds=[5, 30, 120])
 def push(root: Path, remote: Optional[str]) -> None:
-    project.push(root, remote)
+    logger = get_run_logger()
+    project.push(root, remote, on_retry=lambda attempt, error: logger.warning(
+        f"dvc push attempt {attempt} failed, retrying: {error.splitlines()[-1] if error else ''}"))
 
 
 @flow(name="evaclip-pipeline", log_prints=True)

@@ -80,6 +80,8 @@ def test_the_flow_runs_dvc_stages_so_dvc_has_nothing_left_to_do(first_run):
     assert summary["decision"]["promoted"] and summary["decision"]["reason"] == "no champion yet"
     assert "Data and pipelines are up to date" in sh(["dvc", "status"], root)
     assert "Running stage" not in sh(["dvc", "repro"], root)
+    assert "zeroshot_top1" in sh(["dvc", "metrics", "show"], root)  # dvc.yaml's metrics and plots are there
+    assert (root / "outputs/train/metrics.csv").read_text().startswith("step,")
     # The form's override is in params.yaml and dvc.lock, as the run's input.
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["lr"] == 0.003

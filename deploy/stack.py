@@ -118,6 +118,12 @@ def write_private(path: Path, text: str) -> Path:
     return path
 
 
+def _mlflow_login_works(uri: str, identity: tuple[str, str]) -> bool:
+    answer = requests.get(f"{uri}/api/2.0/mlflow/users/get", params={"username": identity[0]}, auth=identity,
+                          timeout=30)
+    return answer.status_code == 200
+
+
 def ensure_mlflow_users(uri: str, admin: tuple[str, str], users: dict[str, str]) -> None:
     """Create each MLflow user, or set its password (rotation); `admin` is (name, password). Idempotent."""
     auth = requests.auth.HTTPBasicAuth(*admin)
@@ -128,8 +134,10 @@ def ensure_mlflow_users(uri: str, admin: tuple[str, str], users: dict[str, str])
             continue
         if "RESOURCE_ALREADY_EXISTS" not in answer.text:
             raise StackError(f"MLflow: creating user {username} failed ({answer.status_code}): {answer.text[:300]}")
-        answer = requests.patch(f"{uri}/api/2.0/mlflow/users/update-password",
-                                json={"username": username, "password": password}, auth=auth, timeout=30)
+        change = {"username": username, "password": password}
+        if username == admin[0]:
+            change["current_password"] = admin[1]  # MLflow asks for it when the admin changes its own
+        answer = requests.patch(f"{uri}/api/2.0/mlflow/users/update-password", json=change, auth=auth, timeout=30)
         if answer.status_code != 200:
             raise StackError(f"MLflow: setting {username}'s password failed ({answer.status_code}): {answer.text[:300]}")
 
@@ -264,7 +272,7 @@ class Stack:
                           f"listen_addresses=127.0.0.1 -k {self.postgres_data}' -l {self.postgres_data}/server.log "
                           "-w start")
         previous = applied["POSTGRES_PASSWORD"] if applied else password
-        if previous != password:  # rotated in .env: change it with the one in effect
+        if previous != password and not self._psql_works(password):  # rotated in .env: change it with the old one
             self._psql(f"ALTER ROLE \"{user}\" PASSWORD '{password}'", password=previous)
         for database in ("mlflow", "mlflow_auth"):  # tracking, and the auth app's users and permissions
             if self._psql(f"SELECT 1 FROM pg_database WHERE datname='{database}'").strip() != "1":
@@ -304,7 +312,7 @@ class Stack:
                       "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini), "MLFLOW_AUTH_ADMIN_PASSWORD": in_effect,
                       "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets["MLFLOW_FLASK_SERVER_SECRET_KEY"]})
         self._wait_http(f"{self.url('mlflow')}/health", "mlflow")
-        if in_effect != admin_password:
+        if in_effect != admin_password and not _mlflow_login_works(self.url("mlflow"), (admin, admin_password)):
             ensure_mlflow_users(self.url("mlflow"), (admin, in_effect), {admin: admin_password})
         ensure_mlflow_users(self.url("mlflow"), (admin, admin_password), dict([self.identity("pipeline"),
                                                                               self.identity("reader")]))
@@ -315,10 +323,11 @@ class Stack:
         self._prefect("--no-prompt", "deploy", "--name", "weekly-retraining")  # gpu-cluster needs Kubernetes
         notify_url = self.notify_url or self.secrets.get("NOTIFY_URL")
         if notify_url:
-            result = subprocess.run([sys.executable, "-m", "flows.notifications", notify_url], cwd=REPO, text=True,
-                                    env=self._process_env(), capture_output=True, timeout=300)
+            # The URL may carry a token: in the environment, never on a command line.
+            result = subprocess.run([sys.executable, "-m", "flows.notifications"], cwd=REPO, text=True,
+                                    env=self._process_env({"NOTIFY_URL": notify_url}), capture_output=True, timeout=300)
             if result.returncode != 0:
-                raise StackError(f"notifications to {notify_url} could not be set up:\n{result.stderr[-2000:]}")
+                raise StackError(f"notifications could not be set up (NOTIFY_URL):\n{result.stderr[-2000:]}")
         if self.worker:
             self._start_worker()
 
@@ -366,6 +375,13 @@ class Stack:
         if check and result.returncode != 0:
             raise StackError(f"PostgreSQL: `{command}` failed:\n{result.stderr.strip()}")
         return result.stdout
+
+    def _psql_works(self, password: str) -> bool:
+        try:
+            self._psql("SELECT 1", password=password)
+            return True
+        except StackError:
+            return False
 
     def _psql(self, sql: str, password: str | None = None) -> str:
         """One statement as POSTGRES_USER over TCP, the SQL on stdin (a password never on a command line)."""

@@ -1,6 +1,6 @@
 """Operators hear about it: a failed or crashed pipeline run and a moved `champion`, through Prefect.
 
-    python -m flows.notifications https://hooks.example.org/evaclip    # or NOTIFY_URL; `make stack` runs it
+    NOTIFY_URL=https://hooks.example.org/evaclip python -m flows.notifications    # `make stack` runs it
 
 One webhook block (`evaclip-webhook`, a JSON POST of subject and text) and two automations on the Prefect
 server: flow runs of `evaclip-pipeline` entering Failed or Crashed (scheduled runs included), and the event
@@ -14,6 +14,7 @@ import os
 import sys
 from datetime import timedelta
 from typing import Optional
+from urllib.parse import urlsplit
 
 from prefect.automations import Automation, EventTrigger, Posture, SendNotification
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
@@ -75,6 +76,7 @@ if __name__ == "__main__":
     target = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("NOTIFY_URL", "")
     if target:
         ensure_notifications(target)
-        print(f"notifications: failed pipeline runs and champion moves are POSTed to {target}")
+        host = urlsplit(target).hostname  # the rest of the URL may be a token
+        print(f"notifications: failed pipeline runs and champion moves are POSTed to {host}")
     else:
         print("notifications: no NOTIFY_URL, none configured")

@@ -172,14 +172,15 @@ def test_no_anonymous_request_gets_in_and_nothing_listens_beyond_loopback(stack)
     wrong = subprocess.run(psql, capture_output=True, text=True, env=dict(env, PGPASSWORD="wrong"))
     assert "password authentication failed" in wrong.stderr
 
-    listening = {c.laddr.port: c.laddr.ip for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    listening = [(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN]
     for name, port in stack.ports.items():
-        assert listening.get(port) == "127.0.0.1", (name, listening.get(port))
+        assert {ip for ip, p in listening if p == port} == {"127.0.0.1"}, (name, listening)
     # Credentials: files only their owner reads, and never on a command line (where `ps` shows them).
     for path in (stack.env_file, stack.state / "stack.env", stack.state / "mlflow" / "basic_auth.ini"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     secrets = [stack.secrets[k] for k in ("POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY", "MLFLOW_ADMIN_PASSWORD",
-                                          "MLFLOW_PIPELINE_PASSWORD", "PREFECT_AUTH_STRING")]
+                                          "MLFLOW_PIPELINE_PASSWORD", "MLFLOW_READER_PASSWORD",
+                                          "MLFLOW_FLASK_SERVER_SECRET_KEY", "PREFECT_AUTH_STRING")]
     for process in psutil.process_iter(["cmdline"]):
         command = " ".join(process.info["cmdline"] or [])
         assert not any(secret in command for secret in secrets), command[:200]

@@ -474,6 +474,24 @@ def test_deepspeed_launcher_and_bf16_on_cpu(micro_data, tmp_path):
     assert weights["visual.trunk.blocks.0.attn.q_proj.weight"].dtype == torch.bfloat16
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
 
+    # SIGTERM to the launcher's group under DeepSpeed's launcher too (its runner does not pass a signal on; the
+    # launcher signals the whole group): the step reached is saved, exit 143, no process left.
+    stopped = tmp_path / "stopped"
+    process = _evaclip_train(_train_overrides(micro_data, stopped, **{"train.launcher": "deepspeed"}),
+                             start_new_session=True)
+    _wait_for(lambda: len(_lines(stopped / "metrics.jsonl")) >= 2 or process.poll() is not None)
+    processes = psutil.Process(process.pid).children(recursive=True)
+    os.killpg(process.pid, signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 143 and "stopped by SIGTERM" in output, output[-3000:]
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)
+    step = json.loads(_lines(stopped / "metrics.jsonl")[-1])["step"]
+    assert (stopped / "latest").read_text().strip() == f"step_{step:07d}" and step < 24
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
 
 def test_progress_in_a_log_is_one_plain_line_per_logged_step(capsys):
     from evaclip.train import ProgressBar

@@ -29,6 +29,7 @@ import hashlib
 import io
 import itertools
 import logging
+import os
 import random
 import time
 from collections import Counter
@@ -361,17 +362,15 @@ def make_train_loader(
     # resumed run (which creates its loader at another step) would mask tokens differently.
     loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                         prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(seed),
-                        worker_init_fn=_ignore_stop_signals)
+                        worker_init_fn=_own_process_group)
     return TrainLoader(loader, sets, report, cfg.max_skipped_fraction), batches - samples_seen // global_batch
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers share their rank's process group, which torchrun signals on a stop: they must not die before the
-    rank has checkpointed (a dead worker raises in the rank). They exit with it (train/preemption.py)."""
-    import signal
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
+def _own_process_group(worker_id: int) -> None:
+    """Workers leave their rank's process group, which torchrun signals on a stop: they must not die before the
+    rank has checkpointed (a dead worker raises in the rank). They keep SIGTERM, which the DataLoader uses to
+    end them, and exit when their rank does (train/preemption.py)."""
+    os.setpgid(0, 0)
 
 
 def shards_for_slot(urls: Sequence[str], pass_seed: str, slot: int, slots: int) -> list[str]:

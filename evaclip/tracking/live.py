@@ -83,6 +83,7 @@ def _fail_orphan(client, run_file: Path, keep: Optional[str]) -> None:
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_DRAIN_S = 5.0
+STOP_DRAIN_S = 5.0
 
 
 class Outbox:
@@ -128,13 +129,16 @@ class Outbox:
             return True
         left = list(self.items)
         metrics = [m for m in left if isinstance(m, Metric)]
-        with open(self.spill, "a") as handle:
-            for m in metrics:
-                handle.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
+        self._spill(metrics)
         logger.error("tracking server unreachable for %.0f s at the end of training: %d metrics of run %s kept in %s "
                      "(and %d checkpoint records not sent)", timeout, len(metrics), self.run_id, self.spill,
                      len(left) - len(metrics))
         return False
+
+    def _spill(self, metrics: list[Metric]) -> None:
+        with open(self.spill, "a") as handle:
+            for m in metrics:
+                handle.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
 
     def _send_loop(self) -> None:
         delay = self.retry_s[0]
@@ -151,7 +155,16 @@ class Outbox:
                     self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
                 else:
                     head()
-            except Exception as error:  # noqa: BLE001 - the server is away: keep everything, try again later
+            except Exception as error:  # noqa: BLE001 - sorted below
+                if not _transient(error):  # refused (a permission, a deleted run): retrying cannot help
+                    logger.error("tracking server refused %s for run %s: %s", type(head).__name__ if not
+                                 isinstance(head, Metric) else f"{len(chunk)} metrics", self.run_id, error)
+                    self._spill([m for m in chunk if isinstance(m, Metric)])
+                    with self.ready:
+                        for _ in range(len(chunk)):
+                            self.items.popleft()
+                        self.ready.notify_all()
+                    continue
                 if self.away_since is None:
                     self.away_since = time.monotonic()
                     logger.warning("tracking server not answering (%s); metrics are kept and sent once it is back",
@@ -168,6 +181,14 @@ class Outbox:
                 for _ in range(len(chunk)):
                     self.items.popleft()
                 self.ready.notify_all()
+
+
+def _transient(error: Exception) -> bool:
+    """A server away or overloaded (connection errors, 5xx, 429), not a refusal (4xx)."""
+    if isinstance(error, mlflow.exceptions.MlflowException):
+        status = error.get_http_status_code()
+        return status >= 500 or status == 429
+    return True  # connection errors and timeouts from requests/urllib3
 
 
 def _leading_metrics(items: deque, limit: int) -> list[Metric]:
@@ -231,6 +252,9 @@ class MlflowLogger(BaseCallback):
         if info.get("data_quality"):
             quality = info["data_quality"]
             self.outbox.put_call(lambda: mlflow.MlflowClient().log_dict(self.run_id, quality, "data_quality.json"))
+        if info.get("stopped"):  # a signal: torchrun kills the ranks 25 s after it; what is left is spilled
+            self.outbox.close(STOP_DRAIN_S)
+            return
         self.outbox.close(self.flush_timeout_s)
         try:
             mlflow.end_run()  # stops the system metrics; the launcher sets the final status once every rank exited

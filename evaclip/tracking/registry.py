@@ -10,7 +10,8 @@ Two pipelines finishing at once must not interleave their read of `champion` and
 MLflow has no compare-and-set: so a promoter holds a lock while it decides, and the lock is a registered
 model of its own (`<name>.promotion-lock`), whose creation the store makes atomic (its name is unique in
 SQLite and PostgreSQL alike). It is deleted afterwards; one left by a promoter that died is broken after
-`LOCK_LEASE_S`. No extra service: the same code serializes promoters on SQLite and on a tracking server.
+`LOCK_LEASE_S` (as a waiter's own clock sees it held by the same holder), and a holder checks that it still holds it before it moves the
+alias. No extra service: the same code serializes promoters on SQLite and on a tracking server.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from .store import connect
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOCK_SUFFIX = ".promotion-lock"
-LOCK_LEASE_S = 300  # a promotion takes seconds; a lock this old was left by a promoter that died
-LOCK_WAIT_S = 900
+LOCK_LEASE_S = 900  # a promotion takes seconds (minutes if its server restarts meanwhile); older: its holder died
+LOCK_WAIT_S = 1800
 OTHER_SET = "eval_set."  # tag prefix: eval_set.<name> = identity of an evaluation set after the first
 
 
@@ -133,7 +134,7 @@ def register_and_promote(params: Params, record: TrackingRecord, tags: Optional[
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)
 
-    with promotion_lock(client, name):
+    with promotion_lock(client, name) as still_held:
         champion_version = _alias(client, name, CHAMPION)
         if champion_version == version:  # promoting again changes nothing
             promoted, reason = True, "already the champion"
@@ -146,6 +147,7 @@ def register_and_promote(params: Params, record: TrackingRecord, tags: Optional[
             client.set_model_version_tag(name, version, "promotion_reason", reason)
             client.set_model_version_tag(name, version, "promotion_compared_with", champion_version or "")
             if promoted:
+                still_held()
                 client.set_registered_model_alias(name, CHAMPION, version)
         final = _alias(client, name, CHAMPION)
     _record_on_run(client, record.eval_run_id, name, version, promoted, reason, final)
@@ -161,6 +163,7 @@ def promotion_lock(client: MlflowClient, name: str, wait_s: float = LOCK_WAIT_S)
     lock = f"{name}{LOCK_SUFFIX}"
     holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     deadline = time.monotonic() + wait_s
+    seen: dict[str, float] = {}  # holder -> when this waiter first saw it
     while True:
         try:
             client.create_registered_model(lock, tags={"holder": holder, "acquired": f"{time.time():.3f}"},
@@ -170,13 +173,17 @@ def promotion_lock(client: MlflowClient, name: str, wait_s: float = LOCK_WAIT_S)
             # Taken (or SQLite busy with the other promoter's write): wait. Anything else (no permission) is an error.
             if err.error_code != "RESOURCE_ALREADY_EXISTS" and "locked" not in str(err):
                 raise
-        _break_if_stale(client, lock)
+        _break_if_stale(client, lock, seen)
         if time.monotonic() > deadline:
             raise PromotionBusyError(f"registered model {lock} has been held for over {wait_s:.0f} s by another "
                                      "promoter; delete it in MLflow if no pipeline is promoting")
         time.sleep(0.1 + random.random() * 0.4)
+    def still_held() -> None:
+        if client.get_registered_model(lock).tags.get("holder") != holder:
+            raise PromotionBusyError(f"{lock} was broken as stale while this promoter held it; promote again")
+
     try:
-        yield
+        yield still_held
     finally:
         try:
             if client.get_registered_model(lock).tags.get("holder") == holder:
@@ -185,12 +192,15 @@ def promotion_lock(client: MlflowClient, name: str, wait_s: float = LOCK_WAIT_S)
             pass  # broken as stale meanwhile: not ours any more
 
 
-def _break_if_stale(client: MlflowClient, lock: str) -> None:
+def _break_if_stale(client: MlflowClient, lock: str, seen: dict[str, float]) -> None:
+    """Delete the lock if the same holder has held it for LOCK_LEASE_S of this waiter's own clock (no clock of
+    another machine is compared)."""
     try:
-        tags = client.get_registered_model(lock).tags
+        holder = client.get_registered_model(lock).tags.get("holder", "")
     except mlflow.exceptions.MlflowException:
         return  # released meanwhile
-    if time.time() - float(tags.get("acquired", 0)) > LOCK_LEASE_S:
+    first_seen = seen.setdefault(holder, time.monotonic())
+    if time.monotonic() - first_seen > LOCK_LEASE_S:
         try:
             client.delete_registered_model(lock)
         except mlflow.exceptions.MlflowException:

@@ -9,12 +9,15 @@ Only node 0's launcher opens and closes the MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
@@ -225,11 +228,13 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
 def _run_forwarding_signals(command: list[str], env: dict[str, str],
                             on_output: Optional[Callable[[str], None]]) -> tuple[int, Optional[int]]:
     """Run the launcher (torchrun, deepspeed) in a session of its own; the first SIGTERM, SIGINT or SIGHUP that
-    reaches this process is forwarded to it once, and this process waits for it to stop its ranks (which
-    checkpoint first: train/preemption.py). Returns (exit code, the signal received or None).
+    reaches this process is forwarded once to its process group, and this process waits until that group is
+    gone (the ranks checkpoint first: train/preemption.py). Returns (exit code, the signal received or None).
 
     Its own session: a signal to this process group (Prefect's cancellation, Ctrl-C) reaches it exactly once,
-    through here; torchrun restarts its shutdown on a second one. It gets SIGTERM if this process dies.
+    through here (torchrun restarts its shutdown on a second one). The group, not the child alone: DeepSpeed's
+    runner dies on a signal without passing it on, while its ranks share its group. It gets SIGTERM if this
+    process dies.
     """
     received: list[int] = []
     stdout = subprocess.PIPE if on_output else None
@@ -239,18 +244,33 @@ def _run_forwarding_signals(command: list[str], env: dict[str, str],
     def forward(signum, frame) -> None:
         if not received:
             received.append(signum)
-            process.send_signal(signum)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signum)
 
-    previous = {signum: signal.signal(signum, forward) for signum in SIGNALS}
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = {signum: signal.signal(signum, forward) for signum in SIGNALS} if main_thread else {}
     try:
         if on_output:
             for line in process.stdout:
                 on_output(line.rstrip())
         process.wait()
+        if received:  # the group's other members (DeepSpeed's ranks) may outlive its leader
+            while _group_alive(process.pid):
+                time.sleep(0.2)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return process.returncode, (received[0] if received else None)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def _run_on_kubernetes(params: Params, run_env: dict[str, str], on_output: Callable[[str], None]) -> Path:

@@ -10,6 +10,8 @@ The next run resumes from that checkpoint (`train.resume`).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import sys
@@ -47,36 +49,45 @@ class StopRequest:
             signal.signal(signum, self._note)
 
     def _note(self, signum, frame) -> None:
-        if self.signum is not None:
-            return  # a repeated signal (torchrun's shutdown restarts on a second one): already stopping
-        self.signum = signum
-        # The rank's output may be a pipe whose reader has gone (the flow's task was interrupted): writing to it
-        # would fail mid-checkpoint. From here on it goes to a file in the run's folder.
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
+        # Only a note: the handler may interrupt a write to stdout, where flushing would raise (reentrant call).
+        # A repeated signal (torchrun's shutdown restarts on a second one) changes nothing.
+        if self.signum is None:
+            self.signum = signum
 
     def agreed(self) -> bool:
         if self.group is None:
-            return self.signum is not None
-        flag = torch.tensor([0 if self.signum is None else self.signum], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        if flag.item() and self.signum is None:
-            self.signum = int(flag.item())  # another rank's signal: stop with it
-        return bool(flag.item())
+            stop = self.signum is not None
+        else:
+            flag = torch.tensor([0 if self.signum is None else self.signum], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            if flag.item() and self.signum is None:
+                self.signum = int(flag.item())  # another rank's signal: stop with it
+            stop = bool(flag.item())
+        if stop:
+            self._output_to_file()
+        return stop
+
+    def _output_to_file(self) -> None:
+        """The rank's output may be a pipe whose reader has gone (the flow's task was interrupted): writing to it
+        would fail mid-checkpoint. From here on it goes to a file in the run's folder."""
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
 
     def close(self) -> None:
         for signum in SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
 
 
-def die_with_parent() -> None:
-    """preexec_fn of torchrun: SIGTERM when the launcher dies (SIGKILLed), so its ranks are never orphaned."""
-    import ctypes
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: after fork, only the call itself is safe
 
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+def die_with_parent() -> None:
+    """preexec_fn of the launcher: SIGTERM when `evaclip train` dies (SIGKILLed), so its ranks are never orphaned."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

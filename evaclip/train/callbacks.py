@@ -6,6 +6,7 @@ The engine never imports a tracking library: the tracking layer is one more `Cal
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,8 +59,14 @@ class ProgressBar(BaseCallback):
         elif step % self.every == 0 or step == self.total:
             elapsed = time.perf_counter() - self.started
             eta = elapsed / max(step - self.first, 1) * (self.total - step)
-            print(f"{self.desc} step {step}/{self.total} loss {metrics['loss']:.4f} lr {metrics['lr/visual']:.2e} "
-                  f"samples/s {metrics['samples_per_s']:.1f} eta {eta:.0f}s", flush=True)
+            line = (f"{self.desc} step {step}/{self.total} loss {metrics['loss']:.4f} lr {metrics['lr/visual']:.2e} "
+                    f"samples/s {metrics['samples_per_s']:.1f} eta {eta:.0f}s")
+            try:
+                print(line, flush=True)
+            except BrokenPipeError:  # whoever read our output is gone (a stopped flow run): train on, unread
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
 
     def on_train_end(self, info):
         if self.interactive:

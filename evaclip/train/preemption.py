@@ -41,6 +41,7 @@ class StopRequest:
 
     def __init__(self, log_file: Path):
         self.signum: Optional[int] = None
+        self.redirected = False
         self.log_file = Path(log_file)
         self.group = None
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -49,10 +50,10 @@ class StopRequest:
             signal.signal(signum, self._note)
 
     def _note(self, signum, frame) -> None:
-        # Only a note: the handler may interrupt a write to stdout, where flushing would raise (reentrant call).
         # A repeated signal (torchrun's shutdown restarts on a second one) changes nothing.
         if self.signum is None:
             self.signum = signum
+            self._output_to_file(flush=False)  # no flush here: the handler may interrupt a write (reentrant call)
 
     def agreed(self) -> bool:
         if self.group is None:
@@ -63,18 +64,20 @@ class StopRequest:
             if flag.item() and self.signum is None:
                 self.signum = int(flag.item())  # another rank's signal: stop with it
             stop = bool(flag.item())
-        if stop:
-            self._output_to_file()
+        if stop and not self.redirected:
+            self._output_to_file(flush=True)  # another rank's signal
         return stop
 
-    def _output_to_file(self) -> None:
-        """The rank's output may be a pipe whose reader has gone (the flow's task was interrupted): writing to it
-        would fail mid-checkpoint. From here on it goes to a file in the run's folder."""
+    def _output_to_file(self, flush: bool) -> None:
+        """The rank's output may be a pipe whose reader has gone (a stopped worker killed the flow run that read
+        it): writing to it would fail mid-checkpoint. From here on it goes to a file in the run's folder."""
+        self.redirected = True
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        with contextlib.suppress(OSError):
-            sys.stdout.flush()
-            sys.stderr.flush()
+        if flush:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+                sys.stderr.flush()
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)

@@ -101,3 +101,54 @@ def test_large_published_sizes_build(name, params_millions):
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     assert n_params == pytest.approx(params_millions, abs=0.1)  # EVA-CLIP: 428M and 4.7B
     assert model.visual.trunk.patch_embed.patch_size == (14, 14)
+
+
+def _loss_and_grads(model, images, texts):
+    from open_clip.loss import ClipLoss
+
+    torch.manual_seed(1)  # the same token masking in both
+    model.zero_grad()
+    loss = ClipLoss()(*model(images, texts))
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_padding_free_text_and_early_pooling_give_the_same_loss_and_gradients():
+    """The two exact shortcuts of a training step: the text tower sees a batch cut to its longest caption,
+    and the vision tower's last MLP runs on the class token alone. Same loss, same gradients, less work."""
+    import copy
+
+    from evaclip.model import pool_early, trim_text_padding
+
+    torch.manual_seed(0)
+    reference = create_model(ModelConfig(token_masking=0.5)).train()
+    fast = copy.deepcopy(reference)
+    assert pool_early(fast)
+    texts = get_tokenizer("evaclip-demo")(["a photo of a shirt.", "an ankle boot on a plain background.", "a bag"])
+    short = trim_text_padding(fast, texts)
+    eot = texts.argmax(dim=-1)
+    assert short.shape == (3, int(eot.max()) + 1) and short.shape[1] < texts.shape[1]
+    assert torch.equal(short, texts[:, : short.shape[1]])
+
+    images = torch.randn(3, 3, 32, 32)
+    loss, grads = _loss_and_grads(reference, images, texts)
+    fast_loss, fast_grads = _loss_and_grads(fast, images, short)
+    torch.testing.assert_close(fast_loss, loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == fast_grads.keys()
+    for name, grad in grads.items():  # equal up to float rounding, relative to each tensor's scale
+        scale = grad.abs().max().item()
+        assert (fast_grads[name] - grad).abs().max().item() <= 1e-5 * scale + 1e-7, name
+    # The shortcut is real: the last block now hands on the class token alone.
+    seen = []
+    fast.visual.trunk.blocks[-1].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    fast.encode_image(images)
+    assert seen == [(3, 1, 192)]
+
+
+def test_text_padding_is_kept_where_cutting_would_change_the_features():
+    from evaclip.model import trim_text_padding
+
+    model = create_model(ModelConfig())
+    model.text.pool_type = "last"  # pooling the last position: cutting would pool another token
+    texts = get_tokenizer("evaclip-demo")(["a shirt"])
+    assert trim_text_padding(model, texts) is texts

@@ -57,3 +57,36 @@ def eva02_micro_patch8_clip_32(pretrained: bool = False, **kwargs) -> Eva:
     """A micro EVA-02 CLIP tower (16 tokens + CLS, width 64, depth 2) for fast multi-process tests."""
     return _eva02_clip("eva02_micro_patch8_clip_32", pretrained, 4, kwargs,
                        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+
+
+def pool_early(model) -> bool:
+    """Let a CLS-pooled EVA tower's last block run its MLP on the class token alone.
+
+    With `token` pooling, only the class token leaves the last block: the other tokens' attention outputs
+    are read by no one, so their MLP (two thirds of a block's work) is skipped. The class token still
+    attends to every token, so features and gradients are the same. For CLIP training and evaluation; MIM
+    pre-training, which reads every token, builds its tower without it. False where it does not apply.
+    """
+    from timm.models.eva import EvaBlock
+
+    trunk = getattr(getattr(model, "visual", None), "trunk", None)
+    if not isinstance(trunk, Eva) or trunk.global_pool != "token" or trunk.attn_pool is not None:
+        return False
+    last = trunk.blocks[-1]
+    if type(last) is not EvaBlock:
+        return False
+    last.keep_tokens = trunk.num_prefix_tokens
+    last.forward = _prefix_only_forward.__get__(last)
+    return True
+
+
+def _prefix_only_forward(self, x, rope=None, attn_mask=None, is_causal=False):
+    """timm's `EvaBlock.forward`, keeping only the first `keep_tokens` tokens after the attention."""
+    x_attn = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+    if self.gamma_1 is not None:
+        x_attn = self.gamma_1 * x_attn
+    x = (x + self.drop_path1(x_attn))[:, :self.keep_tokens]
+    x_mlp = self.mlp(self.norm2(x))
+    if self.gamma_2 is not None:
+        x_mlp = self.gamma_2 * x_mlp
+    return x + self.drop_path2(x_mlp)

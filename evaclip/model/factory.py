@@ -20,6 +20,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from . import eva  # noqa: F401  (registers our EVA-02 tower sizes with timm)
 from .attention import set_attention_backend
+from .text import allow_short_text
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -66,6 +67,7 @@ def create_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> open_c
     set_token_masking(model, cfg.token_masking)
     set_attention_backend(model, cfg.attention)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    allow_short_text(model)
     return model
 
 

@@ -23,6 +23,9 @@ def init_distributed() -> tuple[int, int]:
 
     if torch.cuda.is_available():  # before anything touches CUDA: each rank on its own GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # DeepSpeed builds (JIT-compiles at first, ~60 s; then a locked cache check each start) a shared-memory
+    # op that serves only its inference all-reduce, which training never calls: not built.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     _share_launcher_env()
     return dist.get_rank(), dist.get_world_size()

@@ -134,6 +134,13 @@ def rendezvous_endpoint(cfg) -> tuple[str, int]:
     return host, int(port)
 
 
+# glibc's malloc hands large blocks (activations, gradients) back to the kernel when freed and faults them in
+# again at the next step: profiled on 2 CPU cores, 10% of a training step went to it. Keeping them (up to its
+# 32 MiB ceiling for the mmap threshold) is what jemalloc or tcmalloc would do, without a library to install.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
+              "MALLOC_TOP_PAD_": str(256 << 20)}
+
+
 def node_rank_from_env() -> int:
     """This node's rank: NODE_RANK, or PET_NODE_RANK (what Kubeflow's operators set), else 0."""
     return int(os.environ.get("NODE_RANK") or os.environ.get("PET_NODE_RANK") or 0)
@@ -192,6 +199,8 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
     atomic_write_text(params_file, yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     process_env = dict(os.environ, **(env or {}))
     process_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // params.train.devices)))
+    for key, value in MALLOC_ENV.items():
+        process_env.setdefault(key, value)
     if not torch.cuda.is_available():  # what DeepSpeed would pick, without its warning in every rank's output
         process_env.setdefault("DS_ACCELERATOR", "cpu")
     run_env = {}

@@ -113,8 +113,6 @@ def pretrain(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
     import json
 
     from .checkpoint import atomic_write_text
-    from .tracking.live import run_id_of
-    from .train import launch
 
     cfg = _load(params, profile, set_)
     if if_teacher and not cfg.pretrain.teacher:
@@ -122,6 +120,9 @@ def pretrain(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
         atomic_write_text(Path(cfg.pretrain.output_dir) / "status.json", json.dumps({"teacher": None, "note": note}) + "\n")
         out.print(note)
         return
+    from .tracking.live import run_id_of  # torch, DeepSpeed and MLflow: seconds of imports a no-op skips
+    from .train import launch
+
     checkpoint = launch(cfg, stage="pretrain", node_rank=node_rank)
     run_id = run_id_of(checkpoint.parent)
     out.print(f"EVA checkpoint: {checkpoint} (MLflow run {run_id})")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from ..checkpoint import atomic_write_text, load_model_weights
 from ..config import Params
 from ..data.evalsets import EvalSet, load_eval_set
 from ..errors import ConfigError
-from ..model import create_model, create_transforms, get_tokenizer
+from ..model import create_model, create_transforms, get_tokenizer, pool_early
 from ..train.callbacks import BaseCallback
 
 
@@ -70,6 +72,7 @@ def evaluate(params: Params, checkpoint: str | Path | None = None, progress: boo
     sets = [load_eval_set(path, params.eval.templates) for path in params.eval.sets]  # fail before work
     model = create_model(params.model).eval()
     load_model_weights(model, checkpoint)
+    pool_early(model)
     device, dtype = evaluation_device(params)
     model.to(device, dtype)
     _, preprocess = create_transforms(params.model.name)
@@ -94,7 +97,40 @@ def evaluation_device(params: Params) -> tuple[torch.device, torch.dtype]:
     return device, torch.float32 if dtype == torch.float16 and device.type == "cpu" else dtype
 
 
-def _batches(samples: Iterator, preprocess, batch_size: int):
+def _batches(samples: Iterator, preprocess, batch_size: int, prefetch: int = 2):
+    """Batches made in a background thread while the model encodes the previous ones: decoding and
+    preprocessing (PIL and torch kernels, outside the GIL) overlap the forward passes. A thread, not
+    DataLoader workers: the samples come from any generator, and one producer keeps up with a CPU model."""
+    batches: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for batch in _plain_batches(samples, preprocess, batch_size):
+                while not stop.is_set():
+                    try:
+                        batches.put(batch, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            batches.put(None)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
+            batches.put(error)
+
+    producer = threading.Thread(target=produce, name="eval-batches", daemon=True)
+    producer.start()
+    try:
+        while (item := batches.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _plain_batches(samples: Iterator, preprocess, batch_size: int):
     images, targets = [], []
     for image, target in samples:
         images.append(preprocess(image))

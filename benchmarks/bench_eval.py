@@ -1,73 +1,130 @@
-"""Zero-shot evaluation throughput on the demo's evaluation set (Fashion-MNIST's official test split,
-10 classes x 80 OpenAI templates): images/s through decoding, preprocessing, the image tower and the
-classifier, and the seconds to build the classifier (800 prompts through the text tower).
-Repetitions alternate; medians. Writes benchmarks/results/eval.json.
+"""The evaluate stage against CLIP_benchmark's own zero-shot loop, on the same exported model and images.
 
-    python benchmarks/bench_eval.py [--images 2000] [--reps 3] [--checkpoint outputs/train/model.safetensors]
+- `ours`: `evaclip evaluate` as the pipeline's stage runs it, a fresh process: every evaluation set, the
+  reports and plots, and logging the run and the model (an MLflow pyfunc) to a SQLite store.
+- `clip_benchmark`: clip-benchmark 1.6.2's `zero_shot_classifier` + `run_classification` (what its CLI
+  runs), timed around those two calls alone, on the same weights loaded into the same open_clip model and
+  the same test shards read the way its `wds/` datasets are (a webdataset pipeline, a DataLoader with
+  `--workers` workers). `amp` is on exactly when our evaluation runs in bf16 (it follows train.precision),
+  so that both compute in the same precision; on a CPU its autocast is bf16.
+
+Repetitions alternate; medians. `eval_over_clip_benchmark` = their seconds / ours (>= 1: ours is no
+slower, with process start, model loading and logging counted on our side only). Also the zero-shot
+top-1 of each, which must agree. Needs `pip install --no-deps clip-benchmark==1.6.2` (its other
+dependencies, transformers and pycocoevalcap, serve parts not used here; `make bench` installs it so).
+Writes benchmarks/results/eval.json.
+
+    python benchmarks/bench_eval.py [--checkpoint outputs/train/model.safetensors] [--reps 2] [--workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
-from open_clip import build_zero_shot_classifier
 from results_io import save
 
+from evaclip.config import load_params
+from evaclip.eval import evaluation_device
+
+REPO = Path(__file__).resolve().parent.parent
+THEIRS = """
+import json, sys, time
+import torch, webdataset as wds
+from clip_benchmark.metrics.zeroshot_classification import run_classification, zero_shot_classifier
 from evaclip.checkpoint import load_model_weights
 from evaclip.config import load_params
 from evaclip.data.evalsets import load_eval_set
-from evaclip.eval import zero_shot_classification
 from evaclip.model import create_model, create_transforms, get_tokenizer
+
+params_file, checkpoint, workers, amp = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+params = load_params(params_file)
+root = params.eval.sets[0]
+evalset = load_eval_set(root, params.eval.templates)
+model = create_model(params.model).eval()  # the weights of the exported model, in open_clip's model
+load_model_weights(model, checkpoint)
+_, transform = create_transforms(params.model.name)
+urls = sorted(str(p) for p in __import__("pathlib").Path(root).glob("*.tar"))
+dataset = (wds.WebDataset(urls, nodesplitter=lambda src: src, shardshuffle=False)
+           .decode(wds.autodecode.ImageHandler("pil", extensions=["webp", "png", "jpg", "jpeg"]))
+           .to_tuple(["webp", "png", "jpg", "jpeg"], "cls").map_tuple(transform, None))
+loader = torch.utils.data.DataLoader(dataset.batched(params.eval.batch_size), batch_size=None, shuffle=False,
+                                     num_workers=workers)
+templates = [t.replace("{c}", "{}") for t in evalset.templates]
+start = time.perf_counter()
+classifier = zero_shot_classifier(model, get_tokenizer(params.model.name), evalset.classnames, templates, "cpu",
+                                  amp=amp)
+logits, target = run_classification(model, classifier, loader, "cpu", amp=amp)
+seconds = time.perf_counter() - start
+top1 = (logits.argmax(dim=1) == target).float().mean().item()
+print("RESULT", json.dumps({"seconds": seconds, "zeroshot_top1": top1, "images": len(target)}))
+"""
+
+
+def ours(params_file: Path, checkpoint: Path, work: Path, rep: int, env: dict) -> dict:
+    out = work / f"ours-{rep}"
+    command = [sys.executable, "-m", "evaclip.cli", "evaluate", "-p", str(params_file),
+               "-s", f"eval.checkpoint={checkpoint}", "-s", f"eval.output_dir={out}"]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, env=dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db"),
+                            capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"evaclip evaluate failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    return {"seconds": seconds, "zeroshot_top1": metrics["zeroshot_top1"], "images": metrics["samples"]}
+
+
+def theirs(params_file: Path, checkpoint: Path, workers: int, amp: bool, env: dict) -> dict:
+    command = [sys.executable, "-c", THEIRS, str(params_file), str(checkpoint), str(workers), "1" if amp else "0"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"clip_benchmark loop failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.split("RESULT", 1)[1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--checkpoint", default=None, help="weights (throughput does not depend on them)")
+    parser.add_argument("--checkpoint", default="outputs/train/model.safetensors")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="clip_benchmark's DataLoader workers")
     args = parser.parse_args()
-
-    params = load_params(args.params)
-    evalset = load_eval_set(params.eval.sets[0], params.eval.templates)
-    all_samples = evalset.samples
-    evalset.samples = lambda: itertools.islice(all_samples(), args.images)
-    model = create_model(params.model).eval()
-    if args.checkpoint and Path(args.checkpoint).is_file():
-        load_model_weights(model, args.checkpoint)
-    _, preprocess = create_transforms(params.model.name)
-    tokenizer = get_tokenizer(params.model.name)
-    templates = [t.replace("{c}", "{}") for t in evalset.templates]
-
-    classifier_s, total_s = [], []
-    for rep in range(args.reps + 1):  # the first round warms up
-        start = time.perf_counter()
-        with torch.no_grad():
-            build_zero_shot_classifier(model, tokenizer, evalset.classnames, templates, use_tqdm=False)
-        built = time.perf_counter() - start
-        start = time.perf_counter()
-        result = zero_shot_classification(model, evalset, preprocess, tokenizer, params.eval.batch_size)
-        elapsed = time.perf_counter() - start
-        if rep:
-            classifier_s.append(built)
-            total_s.append(elapsed)
-    classifier = statistics.median(classifier_s)
-    images_s = result.metrics["samples"] / (statistics.median(total_s) - classifier)
-    out = {"benchmark": "eval", "model": params.model.name, "eval_set": evalset.identity,
-           "images": int(result.metrics["samples"]), "prompts": len(templates) * len(evalset.classnames),
-           "batch": params.eval.batch_size, "images_per_s": images_s, "classifier_s": classifier,
-           "full_test_split_s_estimate": classifier + 10_000 / images_s}
-    save("eval", out)
-    print(f"\n| zero-shot evaluation ({params.model.name}, batch {params.eval.batch_size}) | value |")
-    print("|---|---|")
-    print(f"| images/s | {images_s:.0f} |")
-    print(f"| classifier ({out['prompts']} prompts), s | {classifier:.1f} |")
-    print(f"| 10k test split, s (estimate) | {out['full_test_split_s_estimate']:.0f} |")
+    try:
+        import clip_benchmark  # noqa: F401
+    except ImportError:
+        raise SystemExit("needs clip-benchmark: pip install --no-deps clip-benchmark==1.6.2") from None
+    params_file, checkpoint = (REPO / args.params).resolve(), (REPO / args.checkpoint).resolve()
+    if not checkpoint.is_file():
+        raise SystemExit(f"{checkpoint}: no trained weights (run `make demo` or `evaclip train` first)")
+    params = load_params(params_file)
+    amp = evaluation_device(params)[1] != __import__("torch").float32
+    env = dict(os.environ, DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true")
+    runs: dict[str, list[dict]] = {"ours": [], "clip_benchmark": []}
+    with tempfile.TemporaryDirectory(prefix="evaclip-eval-") as tmp:
+        for rep in range(args.reps):
+            runs["ours"].append(ours(params_file, checkpoint, Path(tmp), rep, env))
+            runs["clip_benchmark"].append(theirs(params_file, checkpoint, args.workers, amp, env))
+    seconds = {k: statistics.median(r["seconds"] for r in rs) for k, rs in runs.items()}
+    result = {"benchmark": "eval", "model": params.model.name, "precision": params.train.precision, "amp": amp,
+              "workers": args.workers, "reps": args.reps, "runs": runs, "seconds": seconds,
+              "eval_over_clip_benchmark": seconds["clip_benchmark"] / seconds["ours"],
+              "images_per_s": runs["ours"][0]["images"] / seconds["ours"]}
+    save("eval", result)
+    print(f"\n| zero-shot evaluation ({params.model.name}, 10k test split, 80 templates) | seconds | top-1 |")
+    print("|---|---|---|")
+    print(f"| evaclip evaluate (process, reports, MLflow logging) | {seconds['ours']:.1f} | "
+          f"{runs['ours'][0]['zeroshot_top1']:.4f} |")
+    print(f"| clip_benchmark classifier + loop | {seconds['clip_benchmark']:.1f} | "
+          f"{runs['clip_benchmark'][0]['zeroshot_top1']:.4f} |")
+    print(f"| theirs / ours | {result['eval_over_clip_benchmark']:.2f} | |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`evaclip train` against open_clip's own trainer (`open_clip_train.main`, shipped with open_clip_torch),
-side by side: the same shards, model config, per-process batch, processes, token masking, optimizer (LAMB:
-ours vs timm's through `--opt timm/lamb`), learning-rate schedule, gradient clipping and number of steps.
+side by side: the same shards, model config, per-process batch, processes, token masking, precision (fp32,
+whatever params.yaml says), optimizer (LAMB: ours vs timm's through `--opt timm/lamb`), learning-rate
+schedule, gradient clipping and number of steps.
 
 Per-step samples/s come from each trainer's own step log (ours: metrics.jsonl with train.log_every=1;
 theirs: the `Batch (t): ..., N/s` lines), the first warm-up steps dropped, median. Peak memory: the
@@ -52,7 +53,7 @@ def ours(args, work: Path, rep: int, env: dict) -> dict:
     out = work / f"ours-{rep}"
     overrides = {
         "model.name": args.model, "model.token_masking": args.masking, "train.steps": args.steps,
-        "train.batch_size": args.batch, "train.devices": args.procs, "train.lr": args.lr,
+        "train.batch_size": args.batch, "train.devices": args.procs, "train.lr": args.lr, "train.precision": "fp32",
         "train.visual_lr": args.lr, "train.text_lr": args.lr, "train.warmup_steps": args.warmup,
         "train.log_every": 1, "train.checkpoint_every": 10_000, "train.resume": "false",
         "train.output_dir": out, "init.output_dir": work / "random-init", "data.workers": args.workers,

@@ -23,7 +23,15 @@ import torch
 from results_io import save
 
 from evaclip.config import ModelConfig, TrainConfig
-from evaclip.model import create_model, set_attention_backend, set_token_masking
+from evaclip.data.sources import FASHION_MNIST_CLASSES
+from evaclip.model import (
+    create_model,
+    get_tokenizer,
+    pool_early,
+    set_attention_backend,
+    set_token_masking,
+    trim_text_padding,
+)
 from evaclip.optim import Lamb, param_groups
 from evaclip.optim.lamb import _segments
 
@@ -87,11 +95,15 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = create_model(ModelConfig(name=args.model)).to(device).train()
+    pool_early(model)  # as the training engine builds it
     cfg = TrainConfig(steps=1, batch_size=args.batch)
     optimizer = Lamb(param_groups(model, cfg), lr=1e-5)
     loss_fn = open_clip.ClipLoss()
     images = torch.randn(args.batch, 3, *model.visual.image_size, device=device)
-    texts = torch.randint(1, 49407, (args.batch, model.context_length), device=device)
+    # Captions as the demo's data makes them (class names in templates), cut to the longest as training does.
+    captions = [f"a photo of a {name}." for name in FASHION_MNIST_CLASSES]
+    tokens = get_tokenizer(args.model)([captions[i % len(captions)] for i in range(args.batch)])
+    texts = trim_text_padding(model, tokens).to(device)
     variants = {"mask_0.0": (0.0, "sdpa"), "mask_0.5": (0.5, "sdpa"), "mask_0.75": (0.75, "sdpa"),
                 "mask_0.0_math": (0.0, "math")}
     times = {k: [] for k in variants}

@@ -74,7 +74,7 @@ def run_arm(arm: str, rev: str, work: Path, rep: int) -> dict:
     if arm == "direct":  # the source files where data.dvc would import them from
         command = [python, "-c", DIRECT, "data.path=/usr/share/datasets/fashion-mnist", "tracking.enabled=false"]
     else:
-        command = [python, "-m", "evaclip.cli", "pipeline", "--bootstrap"]
+        command = [python, "-m", "flows.cli", "pipeline", "--bootstrap"]  # the `evaclip` script, this clone's code
     started = time.perf_counter()
     result = subprocess.run(command, cwd=root, env=environment(root), capture_output=True, text=True)
     seconds = time.perf_counter() - started

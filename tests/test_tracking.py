@@ -312,3 +312,21 @@ def test_an_unreachable_server_gets_retries_then_a_clear_error(workspace, tmp_pa
 def test_a_tie_is_not_an_improvement():
     assert decide({"zeroshot_top1": "0.5", "eval_set": "a"}, {"zeroshot_top1": "0.5", "eval_set": "a"},
                   "zeroshot_top1", margin=0.0)[0] is False
+
+
+def test_evaluation_batches_come_in_order_and_a_bad_image_stops_them():
+    """The evaluation's batches are made in a background thread: every sample, in order, then the end; an
+    error while reading (a corrupt image) reaches the caller instead of ending the evaluation early."""
+    from evaclip.eval import _batches
+
+    def samples(fail_at=None):
+        for index in range(10):
+            if index == fail_at:
+                raise OSError(f"image {index} is truncated")
+            yield torch.full((1,), float(index)), index
+
+    batches = list(_batches(samples(), lambda image: image, batch_size=4))
+    assert [targets for _, targets in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert torch.equal(torch.cat([images for images, _ in batches]).flatten(), torch.arange(10.0))
+    with pytest.raises(OSError, match="image 6 is truncated"):
+        list(_batches(samples(fail_at=6), lambda image: image, batch_size=4))

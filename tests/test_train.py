@@ -155,8 +155,8 @@ def _train_overrides(data_dir, out, **extra):
     return [item for key, value in values.items() for item in ("-s", f"{key}={value}")]
 
 
-def _evaclip_train(args, **popen):
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
+def _evaclip_train(args, extra_env=None, **popen):
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1", **(extra_env or {}))
     return subprocess.Popen([str(BIN / "evaclip"), "train", "-p", str(REPO / "params.yaml"), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
@@ -173,12 +173,14 @@ def _wait_for(condition, polls: int = 45000) -> None:
 def test_sigterm_then_sigkill_mid_training_then_resume_ends_with_the_same_weights(micro_data, tmp_path):
     straight = tmp_path / "straight"
     periodic = {"eval.every_n_steps": 12, "eval.sets": f"[{micro_data / 'eval-folder'}]"}
-    process = _evaclip_train(_train_overrides(micro_data, straight, **periodic))
+    # As in a fresh environment: an empty extension cache, where torch would compile any op DeepSpeed builds.
+    extensions = tmp_path / "torch_extensions"
+    process = _evaclip_train(_train_overrides(micro_data, straight, **periodic),
+                             extra_env={"TORCH_EXTENSIONS_DIR": str(extensions)})
     output = process.communicate(timeout=900)[0]
     assert process.returncode == 0, output[-4000:]
-    # DeepSpeed's shared-memory op (inference all-reduce only) is neither compiled nor loaded: it cost ~60 s
-    # at a fresh environment's first run. DeepSpeed names it ("... deepspeed_shm_comm_op built successfully")
-    # whenever it builds or loads it.
+    # No op compiled or loaded: DeepSpeed's shared-memory op (inference all-reduce only) took ~60 s here.
+    assert not extensions.exists() or not any(extensions.iterdir()), list(extensions.rglob("*"))[:5]
     assert "deepspeed_shm_comm" not in output
     expected = load_file(str(straight / "model.safetensors"))
     assert sorted(p.name for p in straight.glob("step_*")) == ["step_0000020", "step_0000024"]  # the last 2 kept

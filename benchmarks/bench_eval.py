@@ -57,9 +57,8 @@ dataset = (wds.WebDataset(urls, nodesplitter=lambda src: src, shardshuffle=False
            .to_tuple(["webp", "png", "jpg", "jpeg"], "cls").map_tuple(transform, None))
 loader = torch.utils.data.DataLoader(dataset.batched(params.eval.batch_size), batch_size=None, shuffle=False,
                                      num_workers=workers)
-templates = [t.replace("{c}", "{}") for t in evalset.templates]
-start = time.perf_counter()
-classifier = zero_shot_classifier(model, get_tokenizer(params.model.name), evalset.classnames, templates, "cpu",
+start = time.perf_counter()  # its templates are CLIP_benchmark's own format ({c})
+classifier = zero_shot_classifier(model, get_tokenizer(params.model.name), evalset.classnames, evalset.templates, "cpu",
                                   amp=amp)
 logits, target = run_classification(model, classifier, loader, "cpu", amp=amp)
 seconds = time.perf_counter() - start

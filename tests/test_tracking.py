@@ -87,7 +87,8 @@ def test_zero_shot_metrics_are_consistent_and_deterministic(workspace, tmp_path)
 
 def test_evaluation_runs_in_the_training_precision(workspace, tmp_path):
     """bf16 training is evaluated in bf16 (on the GPU when there is one): classification and retrieval."""
-    fp32 = evaluate(params_in(workspace, tmp_path / "fp32", "eval.templates=simple"), progress=False)
+    fp32 = evaluate(params_in(workspace, tmp_path / "fp32", "eval.templates=simple", "train.precision=fp32"),
+                    progress=False)
     params = params_in(workspace, tmp_path, "eval.templates=simple", "train.precision=bf16",
                        f"eval.sets=[{workspace / 'eval'},{workspace / 'captions'}]")
     result = evaluate(params, progress=False)

@@ -132,9 +132,11 @@ def register_and_promote(params: Params, record: TrackingRecord, tags: Optional[
             **{tag_key(k): str(v) for k, v in record.metrics.items()}, **(tags or {})}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, CHALLENGER, version)
 
     with promotion_lock(client, name) as still_held:
+        # Inside the lock: two promoters setting the same alias at once race in MLflow's store (its check-then-
+        # insert failed with a unique violation on PostgreSQL under load).
+        client.set_registered_model_alias(name, CHALLENGER, version)
         champion_version = _alias(client, name, CHAMPION)
         if champion_version == version:  # promoting again changes nothing
             promoted, reason = True, "already the champion"

@@ -1,7 +1,14 @@
 """`evaclip train` against open_clip's own trainer (`open_clip_train.main`, shipped with open_clip_torch),
-side by side: the same shards, model config, per-process batch, processes, token masking, precision (fp32,
-whatever params.yaml says), optimizer (LAMB: ours vs timm's through `--opt timm/lamb`), learning-rate
-schedule, gradient clipping and number of steps.
+side by side: the same shards, model config, per-process batch, processes, token masking, optimizer (LAMB:
+ours vs timm's through `--opt timm/lamb`), learning-rate schedule, gradient clipping and number of steps,
+at each precision of `--precisions`:
+- `fp32`: both in fp32;
+- `bf16`: each trainer's bf16 mixed precision, which keeps fp32 master weights: ours is DeepSpeed's bf16
+  (bf16 weights and activations, fp32 master weights and optimizer state), theirs `--precision amp_bf16`
+  (fp32 weights, bf16 autocast). `--precision pure_bf16`, bf16 weights with no fp32 master copy, would
+  be a different optimizer and is not compared.
+`peer_samples_per_s_ratio` is the ratio at params.yaml's `train.precision` (the demo's); every
+precision's ratio is kept under `by_precision`.
 
 Per-step samples/s come from each trainer's own step log (ours: metrics.jsonl with train.log_every=1;
 theirs: the `Batch (t): ..., N/s` lines), the first warm-up steps dropped, median. Peak memory: the
@@ -9,6 +16,7 @@ largest resident set of any process of the run (ru_maxrss of a wrapper's childre
 each trainer reports. Runs alternate: ours, theirs, ours, theirs. Writes benchmarks/results/peer.json.
 
     python benchmarks/bench_peer.py [--steps 15] [--reps 2] [--batch 128] [--procs 2] [--masking 0.5]
+                                    [--precisions fp32,bf16]
 """
 
 from __future__ import annotations
@@ -49,11 +57,14 @@ def run(command: list[str], env: dict) -> tuple[str, float]:
     return result.stdout + result.stderr, maxrss_kib / 2**20  # GiB
 
 
-def ours(args, work: Path, rep: int, env: dict) -> dict:
-    out = work / f"ours-{rep}"
+THEIR_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16"}
+
+
+def ours(args, precision: str, work: Path, rep: int, env: dict) -> dict:
+    out = work / f"ours-{precision}-{rep}"
     overrides = {
         "model.name": args.model, "model.token_masking": args.masking, "train.steps": args.steps,
-        "train.batch_size": args.batch, "train.devices": args.procs, "train.lr": args.lr, "train.precision": "fp32",
+        "train.batch_size": args.batch, "train.devices": args.procs, "train.lr": args.lr, "train.precision": precision,
         "train.visual_lr": args.lr, "train.text_lr": args.lr, "train.warmup_steps": args.warmup,
         "train.log_every": 1, "train.checkpoint_every": 10_000, "train.resume": "false",
         "train.output_dir": out, "init.output_dir": work / "random-init", "data.workers": args.workers,
@@ -67,12 +78,12 @@ def ours(args, work: Path, rep: int, env: dict) -> dict:
     return {"samples_per_s": statistics.median(rates), "max_rss_gib": gib, "steps_measured": len(rates)}
 
 
-def theirs(args, work: Path, rep: int, env: dict) -> dict:
-    name = f"theirs-{rep}"
+def theirs(args, precision: str, work: Path, rep: int, env: dict) -> dict:
+    name = f"theirs-{precision}-{rep}"
     peer_args = [
         "--token-masking", str(args.masking), "--model", args.model, "--train-data", shards(REPO / "outputs" / "data"), "--dataset-type", "webdataset",
         "--train-num-samples", str(args.steps * args.batch * args.procs), "--epochs", "1",
-        "--batch-size", str(args.batch), "--workers", str(args.workers), "--precision", "fp32",
+        "--batch-size", str(args.batch), "--workers", str(args.workers), "--precision", THEIR_PRECISION[precision],
         "--opt", "timm/lamb", "--lr", str(args.lr), "--wd", "0.05", "--beta1", "0.9", "--beta2", "0.98",
         "--eps", "1e-6", "--warmup", str(args.warmup), "--grad-clip-norm", "5.0", "--local-loss",
         "--gather-with-grad", "--log-every-n-steps", "1", "--save-frequency", "0", "--report-to", "",
@@ -100,33 +111,50 @@ def main() -> None:
     parser.add_argument("--masking", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
     args = parser.parse_args()
+    precisions = args.precisions.split(",")
+    if unknown := set(precisions) - set(THEIR_PRECISION):
+        raise SystemExit(f"--precisions: unknown {sorted(unknown)} (choose from {sorted(THEIR_PRECISION)})")
     if not (REPO / "outputs" / "data" / "train" / "manifest.json").is_file():
         raise SystemExit("no shards in outputs/data/train: run `dvc repro prepare` (or `dvc pull prepare`) first")
 
     threads = str(max(1, (os.cpu_count() or 2) // args.procs))
     env = dict(os.environ, OMP_NUM_THREADS=threads, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    results: dict[str, list[dict]] = {"evaclip": [], "open_clip_train": []}
+    sys.path.insert(0, str(REPO))
+    from evaclip.config import load_params
+
+    default = load_params(REPO / "params.yaml").train.precision
+    runs = {p: {"evaclip": [], "open_clip_train": []} for p in precisions}
     with tempfile.TemporaryDirectory(prefix="evaclip-peer-") as tmp:
-        for rep in range(args.reps):
-            results["evaclip"].append(ours(args, Path(tmp), rep, env))
-            results["open_clip_train"].append(theirs(args, Path(tmp), rep, env))
-    median = {k: statistics.median(r["samples_per_s"] for r in runs) for k, runs in results.items()}
-    memory = {k: max(r["max_rss_gib"] for r in runs) for k, runs in results.items()}
+        for rep in range(args.reps):  # alternate: ours, theirs, at each precision, then again
+            for precision in precisions:
+                runs[precision]["evaclip"].append(ours(args, precision, Path(tmp), rep, env))
+                runs[precision]["open_clip_train"].append(theirs(args, precision, Path(tmp), rep, env))
+    by_precision = {}
+    for precision, results in runs.items():
+        median = {k: statistics.median(r["samples_per_s"] for r in rs) for k, rs in results.items()}
+        memory = {k: max(r["max_rss_gib"] for r in rs) for k, rs in results.items()}
+        by_precision[precision] = {
+            "theirs": THEIR_PRECISION[precision], "runs": results, "samples_per_s": median, "max_rss_gib": memory,
+            "peer_samples_per_s_ratio": median["evaclip"] / median["open_clip_train"],
+            "peer_memory_ratio": memory["evaclip"] / memory["open_clip_train"],
+        }
+    headline = default if default in by_precision else precisions[0]
     result = {
-        "benchmark": "peer", "config": vars(args), "runs": results,
-        "samples_per_s": median, "max_rss_gib": memory,
-        "peer_samples_per_s_ratio": median["evaclip"] / median["open_clip_train"],
-        "peer_memory_ratio": memory["evaclip"] / memory["open_clip_train"],
+        "benchmark": "peer", "config": vars(args), "precision": headline, "by_precision": by_precision,
+        "peer_samples_per_s_ratio": by_precision[headline]["peer_samples_per_s_ratio"],
+        "peer_memory_ratio": by_precision[headline]["peer_memory_ratio"],
     }
     save("peer", result)
     print(f"\n| trainer ({args.model}, {args.procs} x batch {args.batch}, masking {args.masking}, LAMB) "
-          "| samples/s (median) | max RSS (GiB) |")
-    print("|---|---|---|")
-    for name in results:
-        print(f"| {name} | {median[name]:.1f} | {memory[name]:.2f} |")
-    print(f"| ours / open_clip | {result['peer_samples_per_s_ratio']:.2f} | {result['peer_memory_ratio']:.2f} |")
-
+          "| precision | samples/s (median) | max RSS (GiB) |")
+    print("|---|---|---|---|")
+    for precision, entry in by_precision.items():
+        for name, theirs_name in (("evaclip", precision), ("open_clip_train", entry["theirs"])):
+            print(f"| {name} | {theirs_name} | {entry['samples_per_s'][name]:.1f} | {entry['max_rss_gib'][name]:.2f} |")
+        print(f"| ours / open_clip | {precision} | {entry['peer_samples_per_s_ratio']:.2f} | "
+              f"{entry['peer_memory_ratio']:.2f} |")
 
 if __name__ == "__main__":
     main()

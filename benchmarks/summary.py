@@ -23,7 +23,9 @@ HEADLINES = [
      "saved activations, masking 0.5 / 0 (demo)", ""),
     ("math_over_sdpa", "model-evaclip-demo", ["math_over_sdpa"], "vision step, math / sdpa attention", ""),
     ("peer_samples_per_s_ratio", "peer", ["peer_samples_per_s_ratio"],
-     "samples/s, evaclip train / open_clip_train", ">= 1.25"),
+     "samples/s, evaclip train / open_clip_train, at the demo's precision (bf16: theirs amp_bf16)", ">= 1.25"),
+    ("peer_samples_per_s_ratio_fp32", "peer", ["by_precision", "fp32", "peer_samples_per_s_ratio"],
+     "samples/s, evaclip train / open_clip_train, both fp32", ">= 1.25"),
     ("peer_memory_ratio", "peer", ["peer_memory_ratio"], "peak RSS, evaclip train / open_clip_train", ""),
     ("loader_over_consumption", "loader", ["loader_over_consumption", "workers_2"],
      "loader images/s (2 workers) / training consumption", ">= 2"),
@@ -56,7 +58,10 @@ def main() -> None:
             continue
         value = json.loads(file.read_text())
         for part in path:
-            value = value[part]
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:  # a results file from before this key existed
+            rows.append(f"| {what} | not measured | {goal} |")
+            continue
         summary[key] = value
         rows.append(f"| {what} | {value:.3g} | {goal} |")
     (RESULTS / "summary.json").write_text(json.dumps({**summary, "machine": machine()}, indent=2) + "\n")

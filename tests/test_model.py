@@ -114,8 +114,9 @@ def _loss_and_grads(model, images, texts):
 
 
 def test_padding_free_text_and_early_pooling_give_the_same_loss_and_gradients():
-    """The two exact shortcuts of a training step: the text tower sees a batch cut to its longest caption,
-    and the vision tower's last MLP runs on the class token alone. Same loss, same gradients, less work."""
+    """The exact shortcuts of a training step: the text tower sees a batch cut to its longest caption, and
+    each tower's last block computes only the token it pools (the class token, the end-of-text token). Same
+    loss, same gradients, less work."""
     import copy
 
     from evaclip.model import pool_early, trim_text_padding
@@ -123,7 +124,7 @@ def test_padding_free_text_and_early_pooling_give_the_same_loss_and_gradients():
     torch.manual_seed(0)
     reference = create_model(ModelConfig(token_masking=0.5)).train()
     fast = copy.deepcopy(reference)
-    assert pool_early(fast)
+    assert pool_early(fast) == ["visual", "text"]
     texts = get_tokenizer("evaclip-demo")(["a photo of a shirt.", "an ankle boot on a plain background.", "a bag"])
     short = trim_text_padding(fast, texts)
     eot = texts.argmax(dim=-1)
@@ -143,6 +144,9 @@ def test_padding_free_text_and_early_pooling_give_the_same_loss_and_gradients():
     fast.visual.trunk.blocks[-1].register_forward_hook(lambda module, args, out: seen.append(out.shape))
     fast.encode_image(images)
     assert seen == [(3, 1, 192)]
+    fast.text.transformer.resblocks[-1].mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    fast.encode_text(short)
+    assert seen[1:] == [(3, 192)]  # one row per caption, not one per position
 
 
 def test_text_padding_is_kept_where_cutting_would_change_the_features():
@@ -152,3 +156,32 @@ def test_text_padding_is_kept_where_cutting_would_change_the_features():
     model.text.pool_type = "last"  # pooling the last position: cutting would pool another token
     texts = get_tokenizer("evaclip-demo")(["a shirt"])
     assert trim_text_padding(model, texts) is texts
+
+
+def test_training_on_a_cpu_in_bf16_uses_the_math_attention_kernel_with_the_same_gradients():
+    """SDPA's fused CPU kernel has a slow bf16 backward (measured 2-5x the math kernel's): training forwards
+    on a CPU in bf16 take the math kernel; fp32 and inference keep torch's fused choice."""
+    import torch.nn.functional as F
+
+    from evaclip.model import sdpa_kernels_for
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 3, 9, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+
+    def attend(kernels):
+        with kernels:
+            out = F.scaled_dot_product_attention(q, k, v)
+        out.float().square().sum().backward()
+        grads = [t.grad.clone() for t in (q, k, v)]
+        for t in (q, k, v):
+            t.grad = None
+        return type(out.grad_fn).__name__, out.detach(), grads
+
+    fused_name, fused_out, fused_grads = attend(sdpa_kernels_for(cpu, torch.float32, training=True))
+    math_name, math_out, math_grads = attend(sdpa_kernels_for(cpu, torch.bfloat16, training=True))
+    assert "Flash" in fused_name and "Flash" not in math_name, (fused_name, math_name)
+    assert "Flash" in attend(sdpa_kernels_for(cpu, torch.bfloat16, training=False))[0]
+    torch.testing.assert_close(math_out, fused_out, rtol=0.02, atol=0.02)
+    for math_grad, fused_grad in zip(math_grads, fused_grads, strict=True):
+        torch.testing.assert_close(math_grad, fused_grad, rtol=0.05, atol=0.05)

@@ -59,7 +59,7 @@ def eva02_micro_patch8_clip_32(pretrained: bool = False, **kwargs) -> Eva:
                        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 
 
-def pool_early(model) -> bool:
+def pool_vision_early(model) -> bool:
     """Let a CLS-pooled EVA tower's last block run its MLP on the class token alone.
 
     With `token` pooling, only the class token leaves the last block: the other tokens' attention outputs

@@ -20,7 +20,8 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from . import eva  # noqa: F401  (registers our EVA-02 tower sizes with timm)
 from .attention import set_attention_backend
-from .text import allow_short_text
+from .eva import pool_vision_early
+from .text import allow_short_text, pool_text_early
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -69,6 +70,15 @@ def create_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> open_c
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     allow_short_text(model)
     return model
+
+
+def pool_early(model: torch.nn.Module) -> list[str]:
+    """Each tower's last block computes only the token it pools (the class token, the end-of-text token).
+
+    Exact for training and evaluation: no other token of a last block reaches the features. Returns the
+    towers it applies to (MIM pre-training, which reads every token, does not use it).
+    """
+    return [tower for tower, apply in (("visual", pool_vision_early), ("text", pool_text_early)) if apply(model)]
 
 
 def create_transforms(name: str):

@@ -21,7 +21,15 @@ from ..config import Params
 from ..data import make_train_loader
 from ..data.loader import DataReport
 from ..errors import EvaclipError
-from ..model import create_model, create_transforms, get_tokenizer, pool_early, set_token_masking, trim_text_padding
+from ..model import (
+    create_model,
+    create_transforms,
+    get_tokenizer,
+    pool_early,
+    sdpa_kernels_for,
+    set_token_masking,
+    trim_text_padding,
+)
 from ..optim import Lamb, create_optimizer, lr_multiplier
 from . import checkpoints
 from .callbacks import Callback
@@ -63,7 +71,7 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
     model = create_model(params.model)
-    pool_early(model)  # the vision tower's last MLP on the class token alone: same loss, less work
+    pool_early(model)  # both towers' last blocks on their pooled tokens alone: same loss, less work
     start = init_checkpoint(params)
     if start is not None:
         load_model_weights(model, start)
@@ -126,7 +134,8 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
             masking = 0.0 if state["step"] >= cfg.steps - cfg.unmasked_tuning_steps else params.model.token_masking
             set_token_masking(engine.module, masking)
             texts = trim_text_padding(engine.module, texts)  # on the CPU batch: no device sync
-            image_features, text_features, logit_scale = engine(images.to(device, dtype), texts.to(device))
+            with sdpa_kernels_for(device, dtype, training=True):  # fixed per forward, kept by backward
+                image_features, text_features, logit_scale = engine(images.to(device, dtype), texts.to(device))
             # The contrastive loss in fp32 whatever the compute precision: its logits span a wide range.
             loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
             if not deepspeed_checks_overflow and not _finite_everywhere(loss, device):

@@ -20,9 +20,9 @@ import contextlib
 import types
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 from timm.models.eva import EvaAttention
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import EvaclipError
 

@@ -45,12 +45,13 @@ def set_attention_backend(model: torch.nn.Module, backend: str) -> int:
     return len(layers)
 
 
-def sdpa_kernels_for(device: torch.device, dtype: torch.dtype, training: bool):
+def sdpa_kernels_for(device: torch.device | str | None, dtype: torch.dtype, training: bool):
     """A context for forward passes whose backward will run: SDPA's math kernel where its fused CPU kernel is
     the slower one (training on a CPU in bf16/fp16), torch's own choice everywhere else.
 
     The kernel is fixed at the forward: autograd records it, so the backward outside the context follows."""
-    if training and device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+    on_cpu = device is None or torch.device(device).type == "cpu"  # DeepSpeed's CPU engine may say None
+    if training and on_cpu and dtype in (torch.bfloat16, torch.float16):
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ..checkpoint import write_state_dict
 from ..config import Params, TrainConfig
 from ..data import make_train_loader
-from ..model import create_transforms
+from ..model import create_transforms, sdpa_kernels_for
 from ..optim import lr_multiplier
 from ..train.callbacks import Callback
 from ..train.distributed import init_distributed
@@ -88,7 +88,9 @@ def pretrain(params: Params, callbacks: list[Callback] = ()) -> PretrainResult:
                                      params.pretrain.min_block_patches).to(device)
             images = images.to(device)
             target = teacher(images)
-            loss = mim_loss(engine(images.to(dtype), mask), target, mask)
+            with sdpa_kernels_for(engine.device, dtype, training=True):
+                student = engine(images.to(dtype), mask)
+            loss = mim_loss(student, target, mask)
             engine.backward(loss)
             clip_gradients(engine, cfg)
             engine.step()

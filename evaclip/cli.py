@@ -120,7 +120,7 @@ def pretrain(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
         atomic_write_text(Path(cfg.pretrain.output_dir) / "status.json", json.dumps({"teacher": None, "note": note}) + "\n")
         out.print(note)
         return
-    from .tracking.live import run_id_of  # torch, DeepSpeed and MLflow: seconds of imports a no-op skips
+    from .tracking.store import run_id_of  # torch, DeepSpeed and MLflow: seconds of imports a no-op skips
     from .train import launch
 
     checkpoint = launch(cfg, stage="pretrain", node_rank=node_rank)

@@ -27,11 +27,10 @@ from pydantic import BaseModel, Field
 
 from evaclip import project
 from evaclip.config import Params, load_params, profile_path
-from evaclip.data.prepare import remote_sources
+from evaclip.locations import remote_sources
 from evaclip.tracking import RECORD, Decision, TrackingRecord, champion_uri, register_and_promote
-from evaclip.tracking.live import PARENT_RUN_ENV, run_id_of
 from evaclip.tracking.runs import flatten
-from evaclip.tracking.store import connect, experiment_id
+from evaclip.tracking.store import PARENT_RUN_ENV, connect, experiment_id, run_id_of
 from flows.notifications import emit_champion_moved
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+DEDUP_REPORT = "dedup.json"  # prepare's report: duplicates within the training set and against eval sets
+
 HASH_SIZE = 16  # 16 x 16 gradient bits: 256
 BANDS = 8       # of 32 bits each, for the candidate lookup
 

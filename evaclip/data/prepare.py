@@ -23,14 +23,13 @@ from typing import Optional
 from ..config import Params
 from ..errors import ConfigError
 from . import storage
-from .dedup import EvalIndex, image_hashes
+from .dedup import DEDUP_REPORT, EvalIndex, image_hashes
 from .evalsets import load_eval_set, openai_templates
 from .index import index_shards
 from .loader import mix_folder
 from .shards import write_shard_set
 from .sources import SOURCES, Item, Sample
 
-DEDUP_REPORT = "dedup.json"
 log = logging.getLogger(__name__)
 
 
@@ -100,13 +99,6 @@ def _warn_if_unwatched(cfg) -> None:
     if not path.is_relative_to(Path("data").resolve()):
         log.warning("data.path %s is outside data/: `dvc repro` does not see it change (track it with "
                     "`dvc import-url %s data`, or run `dvc repro -f -s prepare` after a change)", cfg.path, cfg.path)
-
-
-def remote_sources(params: Params) -> list[str]:
-    """The shard locations `prepare` indexes in place on object storage or the web (DVC cannot watch them)."""
-    cfg = params.data
-    places = ([cfg.path] if cfg.source == "wds" and cfg.path else []) + [m.path for m in cfg.mix]
-    return [p for p in places if storage.is_remote(p)]
 
 
 def _hashed(items: Iterator[Item], evals: EvalIndex, name: str) -> Iterator[Item]:

@@ -20,20 +20,14 @@ from typing import IO, Optional
 import braceexpand
 
 from ..errors import ConfigError
+from ..locations import is_pipe, is_remote
+
+__all__ = ["is_pipe", "is_remote"]  # with the readers below; defined in evaclip.locations
 
 # Sequential reads of whole shards: large blocks, few requests. Tests lower it to fail inside a shard.
 READ_BLOCK_BYTES = 8 << 20
 # A dead server must fail fast: the loader retries with backoff itself (data.read_retries).
 S3_OPTIONS = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 2}, "max_pool_connections": 32}}
-
-
-def is_remote(location: object) -> bool:
-    text = str(location)
-    return text.startswith("pipe:") or "://" in text and not text.startswith("file://")
-
-
-def is_pipe(location: object) -> bool:
-    return str(location).startswith("pipe:")
 
 
 def filesystem(url: str):
@@ -192,5 +186,4 @@ def _run(coroutine):
 def _entry(url: str, info: dict) -> dict:
     etag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("checksum")
     return {"url": url, "bytes": info.get("size"), "etag": str(etag).strip('"') if etag else None}
-
 

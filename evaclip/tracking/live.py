@@ -24,11 +24,9 @@ from mlflow.entities import Metric
 
 from ..config import Params
 from ..train.callbacks import BaseCallback
-from .store import connect, experiment_id, tracking_uri
+from .store import PARENT_RUN_ENV, RUN_FILE, connect, experiment_id, run_id_of, tracking_uri
 
 RUN_ID_ENV = "EVACLIP_MLFLOW_RUN_ID"
-PARENT_RUN_ENV = "EVACLIP_PARENT_RUN_ID"  # the pipeline's parent run, set by the flow
-RUN_FILE = "mlflow_run.json"  # beside the stage's outputs: which run they belong to
 
 
 def open_run(params: Params, stage: str, out: Path, resume_run_id: Optional[str] = None) -> dict[str, str]:
@@ -59,14 +57,6 @@ def open_run(params: Params, stage: str, out: Path, resume_run_id: Optional[str]
 def close_run(params: Params, run_id: str, succeeded: bool, stopped: bool = False) -> None:
     """FINISHED, FAILED, or KILLED when a signal stopped it (its last checkpoint resumes it, in this run)."""
     connect(params).set_terminated(run_id, "FINISHED" if succeeded else "KILLED" if stopped else "FAILED")
-
-
-def run_id_of(out: Path) -> Optional[str]:
-    """The MLflow run that the outputs in `out` belong to, if any."""
-    try:
-        return json.loads((Path(out) / RUN_FILE).read_text())["run_id"]
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def _fail_orphan(client, run_file: Path, keep: Optional[str]) -> None:

@@ -10,21 +10,21 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
-import torch
 
 import evaclip as evaclip_package
 
-from ..checkpoint import atomic_write_text
 from ..config import Params
-from ..data.loader import data_manifest_version
-from ..data.prepare import DEDUP_REPORT
-from ..eval import EvalResult
-from ..export import export_open_clip
 from ..project import data_version, find_root, lock_digests
-from . import pyfunc
-from .store import connect, experiment_id
+from .store import connect, experiment_id, run_id_of
+
+if TYPE_CHECKING:
+    from ..eval import EvalResult
+
+# torch, the model and its export load inside the functions that log a model: the pipeline's flow process
+# imports this module for its records and parameters and needs none of them (about 4 s of its start).
 
 RECORD = "tracking.json"  # beside the evaluation outputs: what `evaclip promote` picks up
 
@@ -64,6 +64,8 @@ def run_tags(params: Params) -> dict[str, str]:
     version_ = data_version(root, params)
     if version_:
         tags["data_version"] = version_
+    from ..data.loader import data_manifest_version
+
     tags["data_manifest"] = data_manifest_version(params.data)[:16]  # the training shards' identities
     if root is not None:
         tags.update(lock_digests(root))
@@ -77,6 +79,8 @@ def run_tags(params: Params) -> dict[str, str]:
 
 
 def _device() -> str:
+    import torch
+
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"cpu ({os.cpu_count()} cores)"
@@ -97,6 +101,8 @@ def log_run(params: Params, evaluation: EvalResult, parent_run_id: str | None = 
     A parent run (or the given one) holds the resolved config and the tags; nested runs hold the init
     report, the data manifest and quality report, the training curves and the evaluation.
     """
+    from ..checkpoint import atomic_write_text
+
     client = connect(params)
     experiment = experiment_id(client, params)
     mlflow.set_experiment(experiment_id=experiment)
@@ -125,6 +131,8 @@ def _log_stage_data(params: Params, tags: dict) -> None:
                 mlflow.log_artifact(str(folder / name), artifact_path="data")
         if (folder / "manifest.json").is_file():
             mlflow.log_metric("samples", json.loads((folder / "manifest.json").read_text())["total"])
+        from ..data.dedup import DEDUP_REPORT
+
         dedup = Path(params.data.output_dir) / DEDUP_REPORT
         if dedup.is_file():
             mlflow.log_artifact(str(dedup), artifact_path="data")
@@ -133,6 +141,8 @@ def _log_stage_data(params: Params, tags: dict) -> None:
 
 def duplicate_metrics(params: Params) -> dict[str, float]:
     """Training images that duplicate each evaluation set's images (prepare's dedup.json), as metrics."""
+    from ..data.dedup import DEDUP_REPORT
+
     file = Path(params.data.output_dir) / DEDUP_REPORT
     report = json.loads(file.read_text()) if file.is_file() else {"sets": {}}
     metrics = {f"train_duplicates_{kind}_{name}": float(count)
@@ -154,7 +164,6 @@ def _log_stage_init(params: Params, tags: dict) -> None:
 
 def _adopt_stage_run(output_dir: Path, parent_run_id: str) -> None:
     """Nest a training or pre-training run (opened live by the launcher) under the pipeline's run, if not yet."""
-    from .live import run_id_of
 
     run_id = run_id_of(Path(output_dir))
     if not run_id:
@@ -169,6 +178,9 @@ def _adopt_stage_run(output_dir: Path, parent_run_id: str) -> None:
 
 
 def _log_stage_evaluate(params: Params, evaluation: EvalResult, tags: dict, parent_id: str, experiment: str) -> TrackingRecord:
+    from ..export import export_open_clip
+    from . import pyfunc
+
     out = Path(params.eval.output_dir)
     with mlflow.start_run(run_name="evaluate", nested=True, tags=tags) as run:
         first = evaluation.sets[0]
@@ -203,6 +215,8 @@ def _input_example(first):
 
     import pandas as pd
     from PIL import Image
+
+    from . import pyfunc
 
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (128, 64, 32)).save(buffer, format="PNG")

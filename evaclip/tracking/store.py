@@ -5,9 +5,11 @@ A tracking server that does not answer gets `tracking.retries` attempts with bac
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -17,6 +19,18 @@ from ..errors import EvaclipError
 
 # As the user set it: `mlflow.set_tracking_uri` writes this variable too, so read it before MLflow does.
 _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
+PARENT_RUN_ENV = "EVACLIP_PARENT_RUN_ID"  # the pipeline's parent run, set by the flow
+RUN_FILE = "mlflow_run.json"  # beside a stage's outputs: which run they belong to
+
+
+def run_id_of(out: Path) -> Optional[str]:
+    """The MLflow run that the outputs in `out` belong to, if any."""
+    try:
+        return json.loads((Path(out) / RUN_FILE).read_text())["run_id"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 class TrackingUnavailableError(EvaclipError):

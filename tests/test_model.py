@@ -142,11 +142,13 @@ def test_padding_free_text_and_early_pooling_give_the_same_loss_and_gradients():
     # The shortcut is real: the last block now hands on the class token alone.
     seen = []
     fast.visual.trunk.blocks[-1].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    fast.visual.trunk.blocks[-1].attn.q_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     fast.encode_image(images)
-    assert seen == [(3, 1, 192)]
+    assert seen == [(3, 1, 192), (3, 1, 192)]  # its queries too: the class token's alone
+    seen.clear()
     fast.text.transformer.resblocks[-1].mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     fast.encode_text(short)
-    assert seen[1:] == [(3, 192)]  # one row per caption, not one per position
+    assert seen == [(3, 192)]  # one row per caption, not one per position
 
 
 def test_text_padding_is_kept_where_cutting_would_change_the_features():
@@ -185,3 +187,18 @@ def test_training_on_a_cpu_in_bf16_uses_the_math_attention_kernel_with_the_same_
     torch.testing.assert_close(math_out, fused_out, rtol=0.02, atol=0.02)
     for math_grad, fused_grad in zip(math_grads, fused_grads, strict=True):
         torch.testing.assert_close(math_grad, fused_grad, rtol=0.05, atol=0.05)
+
+
+def test_early_pooling_gives_the_same_image_features_with_the_math_attention():
+    import copy
+
+    from evaclip.model import pool_early, set_attention_backend
+
+    torch.manual_seed(0)
+    reference = create_model(ModelConfig()).eval()
+    set_attention_backend(reference, "math")
+    fast = copy.deepcopy(reference)
+    assert "visual" in pool_early(fast)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.encode_image(images), reference.encode_image(images), rtol=1e-5, atol=1e-5)

@@ -331,3 +331,23 @@ def test_evaluation_batches_come_in_order_and_a_bad_image_stops_them():
     assert torch.equal(torch.cat([images for images, _ in batches]).flatten(), torch.arange(10.0))
     with pytest.raises(OSError, match="image 6 is truncated"):
         list(_batches(samples(fail_at=6), lambda image: image, batch_size=4))
+
+
+def test_evaluation_batches_normalize_once_per_batch_with_the_same_values():
+    """open_clip's to-tensor + normalize run once per batch instead of per image: bit for bit the batch that
+    the per-image transform gives, RGB and grayscale images alike."""
+    import numpy as np
+    from PIL import Image
+
+    from evaclip.eval import _plain_batches, _split_tensor_tail
+    from evaclip.model import create_transforms
+
+    _, preprocess = create_transforms("evaclip-demo")
+    per_image, _ = _split_tensor_tail(preprocess)
+    assert per_image is not preprocess  # the tail is split off
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)) for _ in range(5)]
+    images += [Image.fromarray(rng.integers(0, 256, (40, 36), dtype=np.uint8), mode="L") for _ in range(3)]
+    batches = list(_plain_batches(((image, index) for index, image in enumerate(images)), preprocess, batch_size=3))
+    assert [targets for _, targets in batches] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert torch.equal(torch.cat([batch for batch, _ in batches]), torch.stack([preprocess(i) for i in images]))

@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / ".venv"
 BASELINE = "991f541"  # the last commit before issue 17's changes: today's demo
 DIRECT = """
-import sys
+import json, sys, time
+started = time.perf_counter()
 from evaclip.config import load_params
 from evaclip.data import prepare
 from evaclip.eval import evaluate
@@ -41,10 +42,13 @@ from evaclip.init import initialize
 from evaclip.train import launch
 
 params = load_params("params.yaml", sys.argv[1:])
-prepare(params)
-initialize(params)
-launch(params)
-evaluate(params, progress=False)
+stages = {"imports": round(time.perf_counter() - started, 1)}
+for name, step in (("prepare", prepare), ("init", initialize), ("train", launch),
+                   ("evaluate", lambda p: evaluate(p, progress=False))):
+    began = time.perf_counter()
+    step(params)
+    stages[name] = round(time.perf_counter() - began, 1)
+print("DIRECT_STAGES", json.dumps(stages))
 """
 # What `make demo` exports (Makefile), so that every arm runs in the same environment.
 MAKE_ENV = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
@@ -86,6 +90,8 @@ def run_arm(arm: str, rev: str, work: Path, rep: int) -> dict:
     rows = [json.loads(line) for line in (root / "outputs/train/metrics.jsonl").read_text().splitlines()]
     stages = {name: float(s) for name, _, s in
               re.findall(r"[│|]\s*(\w+)\s*[│|]\s*(ran|skipped \(unchanged\))\s*[│|]\s*([\d.]+)\s*[│|]", log)}
+    if arm == "direct":  # the plain process's own stage times, to set beside the flow's
+        stages = json.loads(log.split("DIRECT_STAGES", 1)[1].splitlines()[0])
     return {"seconds": round(seconds, 1), "zeroshot_top1": top1, "steps": rows[-1]["step"],
             "train_samples_per_s": statistics.median(r["samples_per_s"] for r in rows[1:] or rows),
             "stages": stages, "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,

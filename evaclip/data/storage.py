@@ -20,9 +20,7 @@ from typing import IO, Optional
 import braceexpand
 
 from ..errors import ConfigError
-from ..locations import is_pipe, is_remote
-
-__all__ = ["is_pipe", "is_remote"]  # with the readers below; defined in evaclip.locations
+from ..locations import is_pipe, is_remote  # defined beside remote_sources, for processes without torch
 
 # Sequential reads of whole shards: large blocks, few requests. Tests lower it to fail inside a shard.
 READ_BLOCK_BYTES = 8 << 20

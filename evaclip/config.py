@@ -216,6 +216,9 @@ class EvalConfig(_Section):
     checkpoint: Optional[Path] = Field(None, description="default: train.output_dir/model.safetensors")
     batch_size: int = Field(256, gt=0)
     every_n_steps: int = Field(0, ge=0, description="also evaluate during training (0: only at the end)")
+    every_n_steps_samples: Optional[int] = Field(
+        None, gt=0, description="evaluations during training use the first N samples of the first set (null: all): "
+                                "a cheaper learning curve, on a fixed subset")
     output_dir: Path = Path("outputs/eval")
 
 

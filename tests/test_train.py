@@ -172,7 +172,7 @@ def _wait_for(condition, polls: int = 45000) -> None:
 
 def test_sigterm_then_sigkill_mid_training_then_resume_ends_with_the_same_weights(micro_data, tmp_path):
     straight = tmp_path / "straight"
-    periodic = {"eval.every_n_steps": 12, "eval.sets": f"[{micro_data / 'eval-folder'}]"}
+    periodic = {"eval.every_n_steps": 12, "eval.sets": f"[{micro_data / 'eval-folder'}]", "eval.every_n_steps_samples": 3}
     # As in a fresh environment: an empty extension cache, where torch would compile any op DeepSpeed builds.
     extensions = tmp_path / "torch_extensions"
     process = _evaclip_train(_train_overrides(micro_data, straight, **periodic),
@@ -188,6 +188,7 @@ def test_sigterm_then_sigkill_mid_training_then_resume_ends_with_the_same_weight
     assert [m["step"] for m in metrics] == list(range(1, 25)) and metrics[-1]["lr/visual"] == pytest.approx(0.0)
     assert [m["token_masking"] for m in metrics[-4:]] == [0.5, 0.0, 0.0, 0.0]  # FLIP's unmasked tuning
     assert [m["step"] for m in metrics if "eval_zeroshot_top1" in m] == [12, 24]  # evaluation during training
+    assert {m["eval_samples"] for m in metrics if "eval_samples" in m} == {3}  # on the set's first 3 images
 
     # SIGTERM to the launcher's process group, as Prefect sends on a cancelled flow run: every rank saves the
     # step it reached, and everything exits with 128 + 15; the MLflow run is KILLED.

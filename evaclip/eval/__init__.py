@@ -9,6 +9,7 @@ augmentation, fixed order.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import queue
 import threading
@@ -171,7 +172,7 @@ def _split_tensor_tail(preprocess):
 
 @torch.no_grad()
 def zero_shot_classification(model, evalset: EvalSet, preprocess, tokenizer, batch_size: int,
-                             progress: bool = False) -> SetResult:
+                             progress: bool = False, max_samples: int | None = None) -> SetResult:
     parameter = next(model.parameters())  # evaluate where and in what precision the model lives
     device, dtype = parameter.device, parameter.dtype
     templates = [t.replace("{c}", "{}") for t in evalset.templates]  # CLIP_benchmark's {c} -> format's {}
@@ -180,7 +181,8 @@ def zero_shot_classification(model, evalset: EvalSet, preprocess, tokenizer, bat
     n = len(evalset.classnames)
     confusion = np.zeros((n, n), dtype=np.int64)
     top5 = total = 0
-    for images, labels in _tqdm(_batches(evalset.samples(), preprocess, batch_size), progress, evalset.name):
+    samples = itertools.islice(evalset.samples(), max_samples)  # None: all
+    for images, labels in _tqdm(_batches(samples, preprocess, batch_size), progress, evalset.name):
         features = torch.nn.functional.normalize(model.encode_image(images.to(device, dtype)).float(), dim=-1)
         logits = (features @ classifier).cpu()
         labels = torch.tensor(labels)
@@ -304,7 +306,8 @@ class PeriodicEvaluation(BaseCallback):
             self.model.eval()
             try:
                 result = zero_shot_classification(self.model, self.evalset, self.preprocess, self.tokenizer,
-                                                  self.params.eval.batch_size)
+                                                  self.params.eval.batch_size,
+                                                  max_samples=self.params.eval.every_n_steps_samples)
             finally:
                 self.model.train(was_training)
-            metrics.update({f"eval_{k}": v for k, v in result.metrics.items() if k != "samples"})
+            metrics.update({f"eval_{k}": v for k, v in result.metrics.items()})  # eval_samples: the subset's size

@@ -9,7 +9,8 @@
 `demo_time_ratio` is flow / baseline, `orchestration_overhead` is (flow - direct) / direct, both from wall
 times measured here on the full demo, never projected; `demo_zeroshot_top1` is the flow's result on the 10k
 test split with the 80 templates. Each clone uses this checkout's .venv with its own code first on the path,
-so that no `make setup` runs in between. Writes benchmarks/results/demo_ab.json. About 30 minutes per
+so that no `make setup` runs in between. Writes benchmarks/results/demo_ab.json (a subset of the arms:
+demo_ab-<arms>.json). About 30 minutes per
 repetition on 2 CPU cores: never part of the tests.
 
     python benchmarks/bench_demo.py [--baseline 991f541] [--reps 1]
@@ -31,6 +32,7 @@ from results_io import save
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / ".venv"
+DEFAULT_ARMS = "baseline,flow,direct"
 BASELINE = "991f541"  # the last commit before issue 17's changes: today's demo
 DIRECT = """
 import json, sys, time
@@ -102,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default=BASELINE)
     parser.add_argument("--reps", type=int, default=1)
-    parser.add_argument("--arms", default="baseline,flow,direct", help="which arms, in the order they alternate")
+    parser.add_argument("--arms", default=DEFAULT_ARMS, help="which arms, in the order they alternate")
     args = parser.parse_args()
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     arms = args.arms.split(",")
@@ -121,7 +123,7 @@ def main() -> None:
         result["demo_time_ratio"] = seconds["flow"] / seconds["baseline"]
     if {"flow", "direct"} <= set(seconds):
         result["orchestration_overhead"] = (seconds["flow"] - seconds["direct"]) / seconds["direct"]
-    save("demo_ab", result)
+    save("demo_ab" if arms == DEFAULT_ARMS.split(",") else f"demo_ab-{'-'.join(arms)}", result)  # a subset: its own file
     print("\n| demo pipeline | wall (s) | zero-shot top-1 | train samples/s |\n|---|---|---|---|")
     for arm, rs in runs.items():
         print(f"| {arm} | {seconds[arm]:.0f} | {statistics.median(r['zeroshot_top1'] for r in rs):.4f} | "

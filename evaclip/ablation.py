@@ -1,13 +1,24 @@
-"""The EVA-CLIP paper's ablation (its Table: EVA init, LAMB, token masking, flash attention) as rows of
-configuration, at whatever scale the base params give. Every row sees the same data and the same number
-of samples; each (row, seed) is one MLflow run. `flows/ablation.py` runs them; this module only knows
-what each row changes and how the results read as a table.
+"""The EVA-CLIP paper's claims, tested at the scale of the given params: a study of training runs ("cells").
+
+- **EVA initialization**: a teacher CLIP trained several times longer than the students, a fresh EVA pre-trained
+  from it (masked image modelling) at a few lengths, then EVA-CLIP from that EVA against random
+  initialization, both with LAMB, with a learning curve (zero-shot top-1 against samples seen).
+- **LAMB against AdamW**, each at the best learning rate of its own sweep.
+- **Token masking** 0, 0.5 and 0.75 with the same samples seen, with and without FLIP's unmasked tuning.
+- **Attention**: time per step with `sdpa` against `math` (short runs, no evaluation).
+
+A cell is identified by a digest of everything that decides its result (`cell_key`), so that a study can be
+completed over several invocations: a cell already finished (recorded in MLflow) is not run again. This module
+runs one cell and turns cells into the report; `flows/ablation.py` decides which cells to run, in what order.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -15,91 +26,272 @@ from .config import Params
 
 
 @dataclass(frozen=True)
-class Row:
-    number: int
+class Arm:
+    """One row of the study: what it changes in the base recipe (EVA init, LAMB, 50% masking)."""
+
     name: str
-    eva_init: bool
-    optimizer: str
-    masking: float = 0.0
+    label: str
+    eva_init: bool = True
+    optimizer: str = "lamb"
+    masking: float = 0.5
     unmasked_tuning: bool = False
     attention: str = "sdpa"
-    evaluate: bool = True  # row 6 only times the attention backend: its weights equal row 4's
+    precision: Optional[str] = None  # None: the base params'
+    curve: bool = False  # zero-shot evaluations during training
+    timing: bool = False  # a short run for its time per step only: no evaluation
 
 
-ROWS = (
-    Row(1, "random init, AdamW", eva_init=False, optimizer="adamw"),
-    Row(2, "EVA init, AdamW", eva_init=True, optimizer="adamw"),
-    Row(3, "EVA init, LAMB", eva_init=True, optimizer="lamb"),
-    Row(4, "EVA init, LAMB, 50% token masking", eva_init=True, optimizer="lamb", masking=0.5),
-    Row(5, "row 4 + unmasked tuning at the end", eva_init=True, optimizer="lamb", masking=0.5, unmasked_tuning=True),
-    Row(6, "row 4 with math attention (time only)", eva_init=True, optimizer="lamb", masking=0.5, attention="math",
-        evaluate=False),
+ARMS = (
+    Arm("random-lamb", "random init, LAMB", eva_init=False, curve=True),
+    Arm("eva-lamb", "EVA init, LAMB (masking 0.5)", curve=True),
+    Arm("eva-adamw", "EVA init, AdamW", optimizer="adamw"),
+    Arm("mask-0", "EVA init, LAMB, no masking", masking=0.0),
+    Arm("mask-0.75", "EVA init, LAMB, masking 0.75", masking=0.75),
+    Arm("mask-0.5-tuned", "masking 0.5 + unmasked tuning", unmasked_tuning=True),
+    Arm("mask-0.75-tuned", "masking 0.75 + unmasked tuning", masking=0.75, unmasked_tuning=True),
+    Arm("attn-sdpa", "sdpa attention (time)", timing=True),
+    Arm("attn-math", "math attention (time)", attention="math", timing=True),
+    Arm("attn-sdpa-fp32", "sdpa attention, fp32 (time)", precision="fp32", timing=True),
+    Arm("attn-math-fp32", "math attention, fp32 (time)", attention="math", precision="fp32", timing=True),
 )
+ARMS_BY_NAME = {arm.name: arm for arm in ARMS}
 
-# The paper's deltas (EVA-CLIP, arXiv 2303.15389, ablation of B/16 on LAION-400M / Merged-2B).
+# The paper's deltas (EVA-CLIP, arXiv 2303.15389, B/16 ablations), set beside ours in the report.
 PAPER = {
-    2: "EVA init: +1.8 top-1 with about half the data",
-    3: "LAMB: +0.7 top-1",
-    4: "50% masking: -0.7 top-1 at about half the time",
-    6: "flash attention: about 15% less time (here the opposite direction: math instead of sdpa)",
+    "eva-lamb": "EVA init: +1.8 top-1, about half the samples to the same accuracy",
+    "eva-adamw": "LAMB over AdamW: +0.7 top-1",
+    "mask-0": "50% masking: -0.7 top-1 at about half the training time",
+    "attn-math": "flash attention: about 15% less time per step",
 }
 
-UNMASKED_TUNING_FRACTION = 0.1  # FLIP tunes without masking for a short final phase
+UNMASKED_TUNING_FRACTION = 0.1  # FLIP tunes without masking for a short final phase (same samples seen)
 
 
 @dataclass
-class RowResult:
-    row: Row
+class Cell:
+    """One training run of the study and what it measured (`top1`/`top5`: the full first evaluation set)."""
+
+    kind: str  # teacher | pretrain | run
+    arm: str
     seed: int
-    train_seconds: float
-    metrics: dict = field(default_factory=dict)
+    lr: float
+    key: str
+    top1: Optional[float] = None
+    top5: Optional[float] = None
+    samples_seen: int = 0
+    train_seconds: float = 0.0
+    samples_per_s: Optional[float] = None
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (samples seen, top-1 on the curve's subset)
+    weights: Optional[str] = None
     run_id: Optional[str] = None
+    pretrain_steps: Optional[int] = None  # the EVA's (EVA-initialized cells) or its own (pretrain cells)
 
 
-def row_params(base: Params, row: Row, seed: int, eva_checkpoint: Optional[Path], root: Path) -> Params:
-    """The base params changed as `row` says, with every output under root/row<N>-seed<S>."""
-    out = Path(root) / f"row{row.number}-seed{seed}"
+def arm_params(base: Params, arm: Arm, seed: int, lr: float, eva: Optional[Path], out: Path,
+               curve_every: int = 0, curve_samples: Optional[int] = None, steps: Optional[int] = None) -> Params:
+    """The base params changed as `arm` says, at learning rate `lr` (both towers), outputs under `out`."""
+    steps = steps or base.train.steps
     train = base.train.model_copy(update={
-        "optimizer": row.optimizer, "seed": seed, "resume": False, "output_dir": out / "train",
+        "optimizer": arm.optimizer, "lr": lr, "visual_lr": lr, "text_lr": lr, "seed": seed, "resume": False,
+        "steps": steps, "warmup_steps": min(base.train.warmup_steps, steps // 2),
+        "precision": arm.precision or base.train.precision, "output_dir": out / "train",
         "init_checkpoint": out / "init" / "model.safetensors",
-        "unmasked_tuning_steps": round(base.train.steps * UNMASKED_TUNING_FRACTION) if row.unmasked_tuning else 0,
+        "unmasked_tuning_steps": round(steps * UNMASKED_TUNING_FRACTION) if arm.unmasked_tuning else 0,
     })
+    every = curve_every if arm.curve and not arm.timing else 0
     return base.model_copy(update={
-        "profile": f"{base.profile}-ablation-row{row.number}",
-        "model": base.model.model_copy(update={"token_masking": row.masking, "attention": row.attention}),
-        "init": base.init.model_copy(update={"vision": eva_checkpoint if row.eva_init else None, "vision_format": "auto",
+        "model": base.model.model_copy(update={"token_masking": arm.masking, "attention": arm.attention}),
+        "init": base.init.model_copy(update={"vision": eva if arm.eva_init else None, "vision_format": "auto",
                                              "seed": seed, "output_dir": out / "init"}),
         "train": train,
-        "eval": base.eval.model_copy(update={"output_dir": out / "eval", "checkpoint": None, "every_n_steps": 0}),
-        "tracking": base.tracking.model_copy(update={"experiment": f"{base.tracking.experiment}-ablation"}),
+        "eval": base.eval.model_copy(update={"output_dir": out / "eval", "checkpoint": None, "every_n_steps": every,
+                                             "every_n_steps_samples": curve_samples if every else None}),
     })
 
 
-def table(results: list[RowResult]) -> str:
-    """Markdown: per row, mean and spread (half the range) over seeds; speed-up against row 3's time."""
-    by_row: dict[int, list[RowResult]] = {}
-    for result in results:
-        by_row.setdefault(result.row.number, []).append(result)
-    row3 = by_row.get(3)
-    base_time = statistics.mean(r.train_seconds for r in row3) if row3 else None
-    lines = ["| row | configuration | seeds | zero-shot top-1 | top-5 | training time (s) | speed-up vs row 3 | paper |",
-             "|---|---|---|---|---|---|---|---|"]
-    for number, runs in sorted(by_row.items()):
-        row = runs[0].row
-        seconds = [r.train_seconds for r in runs]
-        speedup = f"{base_time / statistics.mean(seconds):.2f}x" if base_time else "-"
-        lines.append(f"| {number} | {row.name} | {len(runs)} | {_spread(runs, 'zeroshot_top1')} | "
-                     f"{_spread(runs, 'zeroshot_top5')} | {statistics.mean(seconds):.0f} ± {_half_range(seconds):.0f} | "
-                     f"{speedup} | {PAPER.get(number, '')} |")
-    return "\n".join(lines) + "\n"
+def teacher_params(base: Params, steps: int, out: Path) -> Params:
+    """The teacher: the base recipe from random initialization, trained `steps` steps (several students' worth)."""
+    return arm_params(base, Arm("teacher", "teacher", eva_init=False), seed=0, lr=base.train.lr, eva=None, out=out,
+                      steps=steps)
 
 
-def _spread(runs: list[RowResult], metric: str) -> str:
-    values = [100 * r.metrics[metric] for r in runs if metric in r.metrics]
+def pretrain_params(base: Params, teacher: Path, steps: int, out: Path) -> Params:
+    pretrain = base.pretrain.model_copy(update={"teacher": str(teacher), "steps": steps, "output_dir": out,
+                                                "warmup_steps": min(base.pretrain.warmup_steps, steps // 2)})
+    return base.model_copy(update={"pretrain": pretrain, "train": base.train.model_copy(update={"resume": False})})
+
+
+# Where a cell writes, and how it is tracked: not what it computes.
+_LOCATION_KEYS = {("init", "output_dir"), ("train", "output_dir"), ("train", "init_checkpoint"), ("train", "resume"),
+                  ("eval", "output_dir"), ("pretrain", "output_dir"), ("pretrain", "teacher"), ("init", "vision")}
+
+
+def cell_key(params: Params, kind: str, inputs: dict[str, str]) -> str:
+    """A digest of everything that decides the cell's result: its params (not where it writes), and the keys
+    of the cells whose weights it starts from (`inputs`: the teacher's, the EVA's)."""
+    dump = params.model_dump(mode="json")
+    for section in ("tracking", "profile") + (() if kind == "pretrain" else ("pretrain",)):
+        dump.pop(section, None)  # a run's result does not depend on the pre-training section: its EVA's key says it
+    for section, name in _LOCATION_KEYS:
+        dump.get(section, {}).pop(name, None)
+    text = json.dumps({"kind": kind, "params": dump, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_cell(params: Params, cell: Cell, stage: str = "train", on_output=None) -> Cell:
+    """Initialize, train (or pre-train) and evaluate one cell with the library's own functions; fills `cell`."""
+    from .eval import evaluate
+    from .init import initialize
+    from .train import launch
+    from .train.checkpoints import remove_all
+
+    if stage == "train":
+        initialize(params)
+    started = time.perf_counter()
+    cell.weights = str(launch(params, on_output=on_output, stage=stage))
+    cell.train_seconds = time.perf_counter() - started
+    remove_all(Path(cell.weights).parent)  # its weights are what the study keeps: an unfinished cell reruns whole
+    if stage == "pretrain":
+        cell.pretrain_steps = params.pretrain.steps
+        return cell
+    rows = [json.loads(line) for line in (Path(params.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    batch = params.train.global_batch_size
+    cell.samples_seen = params.train.steps * batch
+    speeds = [r["samples_per_s"] for r in rows[1:] or rows if "samples_per_s" in r]  # the first holds start-up
+    cell.samples_per_s = statistics.median(speeds) if speeds else None
+    cell.curve = [(r["step"] * batch, r["eval_zeroshot_top1"]) for r in rows if "eval_zeroshot_top1" in r]
+    if cell.kind != "timing":
+        metrics = evaluate(params, progress=False).metrics
+        cell.top1, cell.top5 = metrics["zeroshot_top1"], metrics["zeroshot_top5"]
+    return cell
+
+
+def best_lr(cells: list[Cell]) -> Optional[float]:
+    """The sweep's winner: the learning rate with the highest top-1 (ties: the smaller rate)."""
+    done = [c for c in cells if c.top1 is not None]
+    return max(done, key=lambda c: (c.top1, -c.lr)).lr if done else None
+
+
+def mean_curve(cells: list[Cell]) -> list[tuple[int, float, float]]:
+    """(samples seen, mean top-1, standard deviation) over the seeds, at the samples every seed measured."""
+    points: dict[int, list[float]] = {}
+    for cell in cells:
+        for samples, top1 in cell.curve:
+            points.setdefault(samples, []).append(top1)
+    return [(s, statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+            for s, v in sorted(points.items()) if len(v) == len(cells)]
+
+
+def samples_to_reach(curve: list[tuple[int, float, float]], accuracy: float) -> Optional[float]:
+    """The samples seen at which a mean curve first reaches `accuracy`, interpolated linearly between its points
+    (from (0, chance) is not assumed: before its first point, None means "not within the curve")."""
+    for (s0, a0, _), (s1, a1, _) in zip(curve, curve[1:], strict=False):
+        if a0 >= accuracy:
+            return float(s0)
+        if a1 >= accuracy:
+            return s0 + (s1 - s0) * (accuracy - a0) / (a1 - a0)
+    if curve and curve[-1][1] >= accuracy:
+        return float(curve[-1][0])
+    return None
+
+
+def _stats(values: list[float]) -> Optional[dict]:
     if not values:
+        return None
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def summarize(scale: dict, arms: list[Arm], seeds: list[int], rows: dict[str, list[Cell]], lrs: dict[str, float],
+              extra: dict) -> dict:
+    """The study's record (benchmarks/results/ablation.json): per row its configuration, the seeds run and each
+    seed's numbers; the cells still missing; the samples-to-accuracy comparison of EVA and random init."""
+    entries, missing = [], []
+    for arm in arms:
+        cells = sorted(rows.get(arm.name, []), key=lambda c: c.seed)
+        done = {c.seed for c in cells}
+        missing += [f"{arm.name} seed {s}" for s in seeds if s not in done]
+        entries.append({
+            "arm": arm.name, "label": arm.label, "paper": PAPER.get(arm.name),
+            "config": {**{k: v for k, v in asdict(arm).items() if k not in ("name", "label")},
+                       "lr": lrs.get(arm.optimizer)},
+            "seeds": [{"seed": c.seed, "zeroshot_top1": c.top1, "zeroshot_top5": c.top5, "samples_seen": c.samples_seen,
+                       "wall_seconds": round(c.train_seconds, 1), "samples_per_s": c.samples_per_s,
+                       "curve": c.curve, "mlflow_run_id": c.run_id} for c in cells],
+            "zeroshot_top1": _stats([c.top1 for c in cells if c.top1 is not None]),
+            "zeroshot_top5": _stats([c.top5 for c in cells if c.top5 is not None]),
+            "wall_seconds": _stats([c.train_seconds for c in cells]),
+            "samples_per_s": _stats([c.samples_per_s for c in cells if c.samples_per_s]),
+        })
+    summary = {"benchmark": "ablation", "scale": scale, "seeds": seeds, "learning_rates": lrs, "rows": entries,
+               "missing": missing, **extra}
+    summary["eva_samples"] = _eva_samples(rows)
+    return summary
+
+
+def _eva_samples(rows: dict[str, list[Cell]]) -> Optional[dict]:
+    """Samples each init needs to reach random init's accuracy at the full budget (its last curve point)."""
+    random_curve, eva_curve = mean_curve(rows.get("random-lamb", [])), mean_curve(rows.get("eva-lamb", []))
+    if not random_curve or not eva_curve:
+        return None
+    target = random_curve[-1][1]
+    eva = samples_to_reach(eva_curve, target)
+    return {"target_top1_on_curve_subset": target, "random_init_samples": random_curve[-1][0],
+            "eva_init_samples": eva, "ratio": eva / random_curve[-1][0] if eva is not None else None,
+            "eva_top1_at_budget_on_curve_subset": eva_curve[-1][1]}
+
+
+def table(summary: dict) -> str:
+    """Markdown: one line per row (mean ± standard deviation over seeds), then what is missing."""
+    lines = ["| row | lr | seeds | zero-shot top-1 (%) | top-5 (%) | wall (s) | samples/s | paper |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in summary["rows"]:
+        lr = row["config"]["lr"]
+        lines.append(f"| {row['label']} | {f'{lr:g}' if lr else '-'} | {len(row['seeds'])}/{len(summary['seeds'])} | "
+                     f"{_pm(row['zeroshot_top1'], 100)} | {_pm(row['zeroshot_top5'], 100)} | "
+                     f"{_pm(row['wall_seconds'], 1, 0)} | {_pm(row['samples_per_s'], 1, 1)} | {row['paper'] or ''} |")
+    text = "\n".join(lines) + "\n"
+    eva = summary.get("eva_samples")
+    if eva and eva["eva_init_samples"] is not None:
+        text += (f"\nEVA init reaches random init's final curve accuracy ({100 * eva['target_top1_on_curve_subset']:.1f}%"
+                 f" on the curve's subset) after {eva['eva_init_samples']:.0f} samples, {eva['ratio']:.2f}x random "
+                 f"init's {eva['random_init_samples']}.\n")
+    elif eva:
+        text += "\nEVA init did not reach random init's final curve accuracy within the budget.\n"
+    if summary["missing"]:
+        text += f"\n**Missing cells** ({len(summary['missing'])}): {', '.join(summary['missing'])}.\n"
+    return text
+
+
+def _pm(stats: Optional[dict], scale: float, digits: int = 1) -> str:
+    if not stats:
         return "-"
-    return f"{statistics.mean(values):.1f} ± {_half_range(values):.1f}"
+    return f"{scale * stats['mean']:.{digits}f} ± {scale * stats['std']:.{digits}f}"
 
 
-def _half_range(values: list[float]) -> float:
-    return (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
+def plot_curves(rows: dict[str, list[Cell]], path: Path) -> Optional[Path]:
+    """Zero-shot top-1 against samples seen, mean ± one standard deviation over seeds, for the rows with curves."""
+    curves = {name: mean_curve(cells) for name, cells in rows.items() if any(c.curve for c in cells)}
+    curves = {name: curve for name, curve in curves.items() if curve}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        samples, mean, std = zip(*curve, strict=True)
+        ax.plot(samples, [100 * m for m in mean], marker="o", label=f"{ARMS_BY_NAME[name].label} ({len(rows[name])} seeds)")
+        ax.fill_between(samples, [100 * (m - s) for m, s in zip(mean, std, strict=True)], [100 * (m + s) for m, s in zip(mean, std, strict=True)],
+                        alpha=0.2)
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("zero-shot top-1 (%), curve subset")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,18 +1,30 @@
-"""The paper's ablation at the scale of the given params, as a Prefect flow (`make ablation`).
+"""The paper's claims tested with this pipeline, as a Prefect flow (`make ablation`, `evaclip ablation`).
 
-    python -m flows.ablation                        # params.yaml, seeds 0 and 1, EVA from the champion
-    evaclip ablation -s train.steps=60              # the same from the CLI
+    python -m flows.ablation                         # the whole study at its default scale (about 3 h, 2 CPU cores)
+    evaclip ablation --max-new-cells 4               # at most 4 new training runs now; run again to go on
 
-EVA initialization needs EVA weights: `eva_checkpoint`, or else a fresh EVA pre-trained (masked image
-modelling) from the registry's champion, as the pipeline's bootstrap does. Every (row, seed) is one MLflow
-run in the experiment `<tracking.experiment>-ablation`; the table goes to a Prefect Markdown artifact, to
-MLflow (a summary run's `ablation.md`) and to `<output_dir>/table.md`.
+The study, in order (`evaclip/ablation.py` says what each cell changes):
+1. a teacher CLIP, the base recipe trained `teacher_steps` (several students' worth), unless `teacher` is given;
+2. a fresh EVA pre-trained from it (masked image modelling) at each of `pretrain_steps`, each probed by one
+   EVA-init LAMB run; the best length's EVA initializes every EVA row (`eva_checkpoint` skips 1-2);
+3. a learning-rate sweep per optimizer (EVA init, seed 0), the best rate then used by that optimizer's rows;
+4. the rows, once per seed; 5. the report: table, learning curves (PNG), JSON, in MLflow, the Prefect
+   artifact, `output_dir/` and, with `results_file`, `benchmarks/results/ablation.json`.
+
+Every cell is one MLflow run in `<tracking.experiment>-ablation`, tagged with a digest of its configuration: an
+invocation runs only cells not finished yet, so the study can be completed over several invocations, and the
+report of a partial study names the missing cells. Rows are experiments beside the pipeline, each in its own
+folder: library calls, not dvc.yaml's stages (which hold one run of the project).
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
+import hashlib
+import json
+import platform
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -21,88 +33,220 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
 from evaclip import project
-from evaclip.ablation import ROWS, RowResult, row_params, table
+from evaclip.ablation import (
+    ARMS,
+    ARMS_BY_NAME,
+    Cell,
+    arm_params,
+    best_lr,
+    cell_key,
+    plot_curves,
+    pretrain_params,
+    run_cell,
+    summarize,
+    table,
+    teacher_params,
+)
 from evaclip.config import Params, load_params
 from evaclip.errors import ConfigError
-from evaclip.eval import evaluate
-from evaclip.init import initialize
-from evaclip.tracking import log_ablation_table, log_run
-from evaclip.train import launch
-from flows.pipeline import PipelineParameters, base_file, find_teacher, overrides_of
-
-# Rows are experiments beside the pipeline, each in its own output folders: library calls, not dvc.yaml's
-# stages (which hold one run of the project).
-
-
-@task
-def initialize_weights(params: Params) -> None:
-    initialize(params)
-
-
-@task
-def train_model(params: Params, stage: str = "train") -> Path:
-    return launch(params, on_output=get_run_logger().info, stage=stage)
-
-
-@task
-def evaluate_and_log(params: Params) -> dict:
-    record = log_run(params, evaluate(params, progress=False))
-    return {"metrics": record.metrics, "parent_run_id": record.parent_run_id}
+from flows.pipeline import PipelineParameters, base_file, overrides_of
 
 
 class AblationParameters(PipelineParameters):
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], description="each row runs once per seed")
-    rows: list[int] = Field(default_factory=lambda: [r.number for r in ROWS], description="which rows (1-6)")
-    eva_checkpoint: Optional[str] = Field(None, description="EVA weights for rows 2-6; default: pre-train from the champion")
-    output_dir: str = Field("outputs/ablation", description="where every row's outputs and the table go")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="each row runs once per seed")
+    arms: list[str] = Field(default_factory=lambda: [a.name for a in ARMS], description="which rows")
+    steps: int = Field(120, gt=0, description="training steps of every row (the base's batch and warmup share)")
+    teacher: Optional[str] = Field(None, description="CLIP weights to pre-train the EVA from; default: train one")
+    teacher_steps: int = Field(600, gt=0, description="the teacher's training steps")
+    pretrain_steps: list[int] = Field(default_factory=lambda: [100, 400],
+                                      description="pre-training lengths to compare; the best one initializes the rows")
+    eva_checkpoint: Optional[str] = Field(None, description="EVA weights for the EVA rows (skips teacher and pre-training)")
+    lamb_lrs: list[float] = Field(default_factory=lambda: [7e-4, 2e-3, 6e-3], description="LAMB's sweep")
+    adamw_lrs: list[float] = Field(default_factory=lambda: [3e-4, 1e-3, 3e-3], description="AdamW's sweep")
+    curve_every: int = Field(30, gt=0, description="steps between the learning curve's evaluations")
+    curve_samples: Optional[int] = Field(2000, gt=0, description="the curve's evaluations: first N test images")
+    timing_steps: int = Field(20, gt=0, description="steps of the attention rows (time only)")
+    max_new_cells: Optional[int] = Field(None, ge=0, description="train at most this many new cells now")
+    output_dir: str = Field("outputs/ablation", description="every cell's outputs and the report")
+    results_file: Optional[str] = Field(None, description="also write the report's JSON here")
+
+
+@task
+def prepare_data(root: Path) -> None:
+    """The project's data, as the pipeline makes it: dvc.yaml's stages up to `prepare` (skipped when current)."""
+    for name, target in project.stages(root).items():
+        project.reproduce(root, target, on_output=get_run_logger().info)
+        if name == "prepare":
+            return
+
+
+@task
+def run_study_cell(params: Params, cell: Cell, stage: str) -> Cell:
+    from evaclip.tracking.ablation import cell_run, record_cell
+
+    with cell_run(params, cell) as run_id:
+        cell.run_id = run_id
+        run_cell(params, cell, stage, on_output=get_run_logger().info)
+        record_cell(params, cell, params.pretrain.output_dir if stage == "pretrain" else params.train.output_dir)
+    return cell
+
+
+class Cells:
+    """The study's cells: those MLflow holds as finished, and new ones, at most `budget` of them this time."""
+
+    def __init__(self, base: Params, out: Path, budget: Optional[int]):
+        from evaclip.tracking.ablation import finished_cells
+
+        self.out, self.budget, self.new = out, budget, 0
+        self.done = finished_cells(base)
+        get_run_logger().info(f"{len(self.done)} finished cells in MLflow")
+
+    def get(self, build: Callable[[Path], Params], kind: str, arm: str, seed: int, inputs: dict[str, str],
+            stage: str = "train") -> Optional[Cell]:
+        """The cell that `build(folder)` describes: found finished, or run now, or None (out of budget)."""
+        params = build(self.out / "cells" / "pending")
+        key = cell_key(params, kind, inputs)
+        found = self.done.get(key)
+        if found and (kind not in ("teacher", "pretrain") or (found.weights and Path(found.weights).is_file())):
+            return found  # finished; a teacher or an EVA also needs its weights still on disk
+        if self.budget is not None and self.new >= self.budget:
+            return None
+        self.new += 1
+        cell = Cell(kind, arm, seed, params.train.lr, key)
+        cell = run_study_cell.with_options(name=f"{kind}-{arm}-seed{seed}")(build(self.out / "cells" / key), cell, stage)
+        self.done[key] = cell
+        return cell
 
 
 @flow(name="evaclip-ablation", log_prints=True)
 def ablation(parameters: AblationParameters = AblationParameters()) -> dict:
-    root_dir = project.require_root()
-    with contextlib.chdir(root_dir):  # the project's paths (params, MLflow store) are relative to it
-        return run_rows(parameters, root_dir)
+    root = project.require_root()
+    with contextlib.chdir(root):  # the project's paths (params, MLflow store) are relative to it
+        return run_study(parameters, root)
 
 
-def run_rows(parameters: AblationParameters, root_dir: Path) -> dict:
-    logger = get_run_logger()
-    base = load_params(base_file(parameters, root_dir) or root_dir / "params.yaml", overrides_of(parameters))
-    root = Path(parameters.output_dir)
-    rows = [r for r in ROWS if r.number in parameters.rows]
-    eva = eva_weights(base, parameters, root) if any(r.eva_init for r in rows) else None
-    results: list[RowResult] = []
-    for row in rows:
-        for seed in parameters.seeds:
-            params = row_params(base, row, seed, eva, root)
-            logger.info(f"row {row.number} ({row.name}), seed {seed}")
-            initialize_weights(params)
-            started = time.perf_counter()
-            train_model(params)
-            result = RowResult(row, seed, time.perf_counter() - started)
-            if row.evaluate:
-                record = evaluate_and_log(params)
-                result.metrics, result.run_id = record["metrics"], record["parent_run_id"]
-            results.append(result)
-    markdown = (f"# EVA-CLIP ablation: {base.model.name}, {base.train.steps} steps x {base.train.global_batch_size} "
-                f"samples per row, seeds {parameters.seeds}\n\n{table(results)}")
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "table.md").write_text(markdown)
+def run_study(p: AblationParameters, root: Path) -> dict:
+    unknown = sorted(set(p.arms) - set(ARMS_BY_NAME))
+    if unknown:
+        raise ConfigError(f"ablation: unknown rows {unknown}; known: {', '.join(ARMS_BY_NAME)}")
+    base = load_params(base_file(p, root) or root / "params.yaml", overrides_of(p))
+    base = base.model_copy(update={
+        "train": base.train.model_copy(update={  # the base's warmup, as a share of the steps
+            "steps": p.steps, "warmup_steps": max(1, round(base.train.warmup_steps * p.steps / base.train.steps))}),
+        "tracking": base.tracking.model_copy(update={"experiment": f"{base.tracking.experiment}-ablation"})})
+    prepare_data(root)
+    out = Path(p.output_dir)
+    cells = Cells(base, out, p.max_new_cells)
+    arms = [ARMS_BY_NAME[name] for name in p.arms]
+    extra: dict = {}
+    eva, eva_key = None, None
+    if any(a.eva_init for a in arms):
+        eva, eva_key, extra = eva_weights(p, base, cells)
+    lrs, extra["sweep"] = {}, {}
+    for optimizer in sorted({a.optimizer for a in arms if not a.timing}):
+        arm = ARMS_BY_NAME[f"eva-{optimizer}"]
+        sweep = [cells.get(lambda o, lr=lr, arm=arm: arm_params(base, arm, 0, lr, eva, o,
+                                                       p.curve_every, p.curve_samples),
+                           "run", f"eva-{optimizer}", 0, {"eva": eva_key}) if eva else None
+                 for lr in (p.lamb_lrs if optimizer == "lamb" else p.adamw_lrs)]
+        extra["sweep"][optimizer] = [{"lr": c.lr, "zeroshot_top1": c.top1} for c in sweep if c]
+        if all(sweep):
+            lrs[optimizer] = best_lr(sweep)
+    rows: dict[str, list[Cell]] = {}
+    for arm in arms:
+        lr = base.train.lr if arm.timing else lrs.get(arm.optimizer)
+        if lr is None or (arm.eva_init and eva is None):
+            continue  # its inputs are not finished yet: reported as missing
+        for seed in p.seeds:
+            cell = cells.get(lambda o, arm=arm, seed=seed, lr=lr: arm_params(
+                base, arm, seed, lr, eva, o, p.curve_every, p.curve_samples, p.timing_steps if arm.timing else None),
+                "timing" if arm.timing else "run", arm.name, seed, {"eva": eva_key} if arm.eva_init else {})
+            if cell:
+                rows.setdefault(arm.name, []).append(cell)
+    return report(p, base, arms, rows, lrs, extra, out)
+
+
+def eva_weights(p: AblationParameters, base: Params, cells: Cells) -> tuple[Optional[Path], Optional[str], dict]:
+    """The EVA for the EVA rows: given, or pre-trained from the teacher at the probed length that did best."""
+    if p.eva_checkpoint:
+        return Path(p.eva_checkpoint), _file_digest(Path(p.eva_checkpoint)), {"eva": p.eva_checkpoint}
+    if p.teacher:
+        teacher, teacher_key, info = Path(p.teacher), _file_digest(Path(p.teacher)), {"path": p.teacher}
+    else:
+        cell = cells.get(lambda o: teacher_params(base, p.teacher_steps, o), "teacher", "teacher", 0, {})
+        if cell is None:
+            return None, None, {"teacher": None}
+        teacher, teacher_key = Path(cell.weights), cell.key
+        info = {"steps": p.teacher_steps, "zeroshot_top1": cell.top1, "zeroshot_top5": cell.top5,
+                "wall_seconds": round(cell.train_seconds, 1)}
+    probes = []
+    for steps in p.pretrain_steps:
+        pretrained = cells.get(lambda o, steps=steps: pretrain_params(base, teacher, steps, o / "pretrain"),
+                               "pretrain", "eva", 0, {"teacher": teacher_key}, stage="pretrain")
+        probe = pretrained and cells.get(
+            lambda o, w=Path(pretrained.weights): arm_params(base, ARMS_BY_NAME["eva-lamb"], 0, base.train.lr, w, o,
+                                                            p.curve_every, p.curve_samples),
+            "run", "eva-lamb", 0, {"eva": pretrained.key})
+        probes.append({"pretrain_steps": steps, "wall_seconds": round(pretrained.train_seconds, 1) if pretrained else None,
+                       "eva_lamb_top1": probe.top1 if probe else None, "cell": pretrained})
+    extra = {"teacher": info, "pretrain_lengths": [{k: v for k, v in x.items() if k != "cell"} for x in probes]}
+    if not probes or any(x["eva_lamb_top1"] is None for x in probes):
+        return None, None, extra
+    chosen = max(probes, key=lambda x: (x["eva_lamb_top1"], -x["pretrain_steps"]))
+    extra["chosen_pretrain_steps"] = chosen["pretrain_steps"]
+    return Path(chosen["cell"].weights), chosen["cell"].key, extra
+
+
+def _file_digest(path: Path) -> str:
+    if not path.is_file():
+        raise ConfigError(f"ablation: weight file {path} not found")
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def report(p: AblationParameters, base: Params, arms, rows: dict[str, list[Cell]], lrs: dict[str, float],
+           extra: dict, out: Path) -> dict:
+    from evaclip.tracking.ablation import log_report
+
+    scale = {"model": base.model.name, "steps": p.steps, "global_batch": base.train.global_batch_size,
+             "samples_per_run": p.steps * base.train.global_batch_size, "precision": base.train.precision,
+             "devices": base.train.devices, "teacher_steps": p.teacher_steps, "pretrain_steps": p.pretrain_steps,
+             "curve_every": p.curve_every, "curve_samples": p.curve_samples, "timing_steps": p.timing_steps,
+             "eval_set": str(base.eval.sets[0])}
+    summary = summarize(scale, arms, p.seeds, rows, lrs, extra)
+    summary["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    summary["machine"] = {"platform": platform.platform(), "cpus": __import__("os").cpu_count()}
+    plot = plot_curves(rows, out / "curves.png")
+    markdown = report_markdown(summary, plot)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(markdown)
+    (out / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if p.results_file:
+        Path(p.results_file).write_text(json.dumps(summary, indent=2) + "\n")
+    log_report(base, markdown, summary, plot)
     create_markdown_artifact(markdown=markdown, key="evaclip-ablation", description="EVA-CLIP ablation")
-    log_ablation_table(row_params(base, rows[0], parameters.seeds[0], eva, root), markdown)
-    return {"table": markdown, "results": [{"row": r.row.number, "seed": r.seed, "train_seconds": r.train_seconds,
-                                            "metrics": r.metrics} for r in results]}
+    return {"table": markdown, "summary": summary}
 
 
-def eva_weights(base: Params, parameters: AblationParameters, root: Path) -> Path:
-    if parameters.eva_checkpoint:
-        return Path(parameters.eva_checkpoint)
-    teacher = find_teacher(base)
-    if teacher is None:
-        raise ConfigError("ablation: rows 2-6 need EVA weights: pass eva_checkpoint, or run the pipeline once "
-                          "so that the registry has a champion to pre-train a fresh EVA from")
-    params = base.model_copy(update={"pretrain": base.pretrain.model_copy(
-        update={"teacher": teacher, "output_dir": root / "pretrain"})})
-    return train_model(params, stage="pretrain")
+def report_markdown(summary: dict, plot: Optional[Path]) -> str:
+    scale = summary["scale"]
+    text = (f"# EVA-CLIP ablation: {scale['model']}, {scale['steps']} steps x {scale['global_batch']} samples per "
+            f"row ({scale['precision']}), seeds {summary['seeds']}\n\n{table(summary)}")
+    teacher = summary.get("teacher")
+    if teacher and teacher.get("zeroshot_top1") is not None:
+        text += (f"\nTeacher: the base recipe trained {teacher['steps']} steps, zero-shot top-1 "
+                 f"{100 * teacher['zeroshot_top1']:.1f}%.\n")
+    for probe in summary.get("pretrain_lengths", []):
+        top1 = probe["eva_lamb_top1"]
+        text += (f"\nEVA pre-trained {probe['pretrain_steps']} steps: EVA-init LAMB (seed 0) "
+                 f"{'-' if top1 is None else f'{100 * top1:.1f}%'}.")
+    if "chosen_pretrain_steps" in summary:
+        text += f" Chosen: {summary['chosen_pretrain_steps']} steps.\n"
+    for optimizer, points in summary.get("sweep", {}).items():
+        cells = ", ".join(f"{x['lr']:g}: {100 * x['zeroshot_top1']:.1f}%" for x in points)
+        text += f"\nSweep {optimizer} (EVA init, seed 0): {cells or '-'}; chosen {summary['learning_rates'].get(optimizer, '-')}.\n"
+    if plot:
+        text += f"\nLearning curves: `{plot}` (and the report run's artifacts in MLflow).\n"
+    return text
 
 
 if __name__ == "__main__":

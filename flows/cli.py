@@ -80,23 +80,31 @@ def _print_summary(cfg: Params, summary: dict) -> None:
 @app.command()
 @_reports_errors
 def ablation(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None,
-             seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each row runs once per seed.")] = "0,1",
-             rows: Annotated[str, typer.Option(help="Comma-separated rows of the paper's ablation (1-6).")] = "1,2,3,4,5,6",
-             eva: Annotated[Optional[Path], typer.Option(help="EVA weights for rows 2-6 (default: pre-train a fresh "
-                                                              "EVA from the registry's champion).")] = None):
-    """The EVA-CLIP paper's ablation at this configuration's scale, as the Prefect flow `evaclip-ablation`.
+             seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each row runs once per seed.")] = "0,1,2",
+             arms: Annotated[Optional[str], typer.Option(help="Comma-separated rows (default: all).")] = None,
+             steps: Annotated[int, typer.Option(help="Training steps per row (samples seen: x the batch).")] = 120,
+             teacher: Annotated[Optional[Path], typer.Option(help="CLIP weights to pre-train the EVA from "
+                                                                   "(default: train a teacher).")] = None,
+             eva: Annotated[Optional[Path], typer.Option(help="EVA weights for the EVA rows (skips the teacher and "
+                                                              "pre-training).")] = None,
+             max_new_cells: Annotated[Optional[int], typer.Option(help="Train at most this many new cells now; "
+                                                                       "run again to go on.")] = None,
+             results: Annotated[Optional[Path], typer.Option(help="Also write the report's JSON here.")] = None):
+    """The EVA-CLIP paper's claims at this configuration's scale, as the Prefect flow `evaclip-ablation`.
 
-    Rows: random init + AdamW; EVA init + AdamW; EVA init + LAMB; + 50% token masking; + unmasked tuning;
-    math instead of sdpa attention (time only). Writes outputs/ablation/table.md.
+    EVA init against random init (learning curves), LAMB against AdamW (each at its own swept learning rate),
+    token masking 0 / 0.5 / 0.75 with and without unmasked tuning, sdpa against math attention (time). Cells
+    already finished in MLflow are not run again. Writes outputs/ablation/ (table.md, ablation.json, curves.png).
     """
     from flows.ablation import AblationParameters
     from flows.ablation import ablation as ablation_flow
 
     _load(params, profile, set_)
+    fields = {"arms": arms.split(",")} if arms else {}
     result = ablation_flow(AblationParameters(
-        params_file=str(params), profile=profile, overrides=set_ or [],
-        seeds=[int(s) for s in seeds.split(",")], rows=[int(r) for r in rows.split(",")],
-        eva_checkpoint=str(eva) if eva else None))
+        params_file=str(params), profile=profile, overrides=set_ or [], seeds=[int(s) for s in seeds.split(",")],
+        steps=steps, teacher=str(teacher) if teacher else None, eva_checkpoint=str(eva) if eva else None,
+        max_new_cells=max_new_cells, results_file=str(results) if results else None, **fields))
     out.print(result["table"], highlight=False)
 
 

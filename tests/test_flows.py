@@ -183,20 +183,43 @@ def test_bootstrap_pretrains_a_fresh_eva_from_the_champion_and_starts_from_it(fi
     assert runs[0].data.tags["mlflow.parentRunId"] == result["parent_run_id"] and "loss" in runs[0].data.metrics
 
 
-def test_the_ablation_flow_runs_rows_and_writes_the_table(prefect_api, first_run, tmp_path):
-    from evaclip.checkpoint import write_state_dict
-    from evaclip.pretrain import MIMStudent
+def test_the_ablation_study_runs_its_cells_once_and_reports_what_is_missing(prefect_api, first_run, tmp_path):
     from flows.ablation import AblationParameters, ablation
 
     _, overrides, root = first_run
-    eva = write_state_dict(MIMStudent("evaclip-micro", 8).eva_state_dict(), tmp_path / "eva.safetensors")
-    result = ablation(AblationParameters(overrides=overrides, devices=2, rows=[1, 4, 6], seeds=[0],
-                                         eva_checkpoint=str(eva), output_dir=str(tmp_path / "ablation")))
-    by_row = {r["row"]: r for r in result["results"]}
-    assert set(by_row) == {1, 4, 6} and all(r["train_seconds"] > 0 for r in by_row.values())
-    assert "zeroshot_top1" in by_row[1]["metrics"] and not by_row[6]["metrics"]  # row 6: time only
-    table = (tmp_path / "ablation" / "table.md").read_text()
-    assert "| 4 | EVA init, LAMB, 50% token masking | 1 |" in table
+    study = dict(overrides=overrides + ["pretrain.batch_size=16"], devices=2, arms=["eva-lamb", "attn-sdpa"],
+                 steps=4, teacher=str(root / "outputs" / "train" / "model.safetensors"), pretrain_steps=[2],
+                 lamb_lrs=[0.003], curve_every=2, curve_samples=4, timing_steps=2,
+                 output_dir=str(tmp_path / "ablation"), results_file=str(tmp_path / "ablation.json"))
+    result = ablation(AblationParameters(seeds=[0], **study))["summary"]
+    rows = {row["arm"]: row for row in result["rows"]}
+    (eva_seed,) = rows["eva-lamb"]["seeds"]
+    assert eva_seed["zeroshot_top1"] is not None and eva_seed["samples_seen"] == 4 * 32
+    assert [samples for samples, _ in eva_seed["curve"]] == [2 * 32, 4 * 32]  # every 2 steps, 32 samples a step
+    (timed,) = rows["attn-sdpa"]["seeds"]
+    assert timed["zeroshot_top1"] is None and timed["samples_per_s"] > 0  # time only
+    assert result["pretrain_lengths"][0]["pretrain_steps"] == 2 and result["chosen_pretrain_steps"] == 2
+    assert result["sweep"]["lamb"] == [{"lr": 0.003, "zeroshot_top1": eva_seed["zeroshot_top1"]}]  # the same cell
+    assert result["missing"] == [] and json.loads((tmp_path / "ablation.json").read_text())["rows"]
+    assert (tmp_path / "ablation" / "curves.png").stat().st_size > 0
+
     client = _client(root)
-    experiment = client.get_experiment_by_name("evaclip-ablation")
-    assert experiment is not None and len(client.search_runs([experiment.experiment_id])) >= 3
+    experiment = client.get_experiment_by_name("evaclip-ablation").experiment_id
+    cells = client.search_runs([experiment], "tags.`evaclip.stage` = 'ablation'")
+    assert sorted(r.data.tags["evaclip.ablation.kind"] for r in cells) == ["pretrain", "run", "timing"]
+    run_cell = next(r for r in cells if r.data.tags["evaclip.ablation.kind"] == "run")
+    nested = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{run_cell.info.run_id}'")
+    assert [r.data.tags["evaclip.stage"] for r in nested] == ["train"]  # its training run, nested
+    assert len(client.get_metric_history(run_cell.info.run_id, "curve_zeroshot_top1")) == 2
+
+    # Again with a third seed's worth of work allowed to run: none (max_new_cells=0). What was finished is found
+    # in MLflow, not run again, and the report names what is missing.
+    again = ablation(AblationParameters(seeds=[0, 1], max_new_cells=0, **study))
+    assert len(client.search_runs([experiment], "tags.`evaclip.stage` = 'ablation'")) == 3
+    assert again["summary"]["missing"] == ["eva-lamb seed 1", "attn-sdpa seed 1"]
+    assert again["summary"]["rows"][0]["seeds"][0]["zeroshot_top1"] == eva_seed["zeroshot_top1"]
+    assert "**Missing cells** (2): eva-lamb seed 1, attn-sdpa seed 1." in again["table"]
+    reports = client.search_runs([experiment], "tags.`evaclip.stage` = 'ablation-report'")
+    assert len(reports) == 2 and {a.path for a in client.list_artifacts(reports[0].info.run_id)} >= {
+        "ablation.md", "ablation.json", "curves.png"}
+

@@ -5,8 +5,8 @@ callback (`live.py`).
 """
 
 from .registry import Decision, champion_uri, decide, register_and_promote, registered_name
-from .runs import RECORD, TrackingRecord, log_ablation_table, log_run
+from .runs import RECORD, TrackingRecord, log_run
 from .store import TrackingUnavailableError, connect, tracking_uri
 
 __all__ = ["RECORD", "Decision", "TrackingRecord", "TrackingUnavailableError", "champion_uri", "connect", "decide",
-           "log_ablation_table", "log_run", "register_and_promote", "registered_name", "tracking_uri"]
+           "log_run", "register_and_promote", "registered_name", "tracking_uri"]

@@ -114,8 +114,8 @@ def log_run(params: Params, evaluation: EvalResult, parent_run_id: str | None = 
             mlflow.log_params(flatten(params))
         _log_stage_data(params, tags)
         _log_stage_init(params, tags)
-        _adopt_stage_run(params.train.output_dir, parent.info.run_id)
-        _adopt_stage_run(params.pretrain.output_dir, parent.info.run_id)
+        adopt_stage_run(params.train.output_dir, parent.info.run_id)
+        adopt_stage_run(params.pretrain.output_dir, parent.info.run_id)
         record = _log_stage_evaluate(params, evaluation, tags, parent.info.run_id, experiment)
     record.tracking_uri = mlflow.get_tracking_uri()
     atomic_write_text(Path(params.eval.output_dir) / RECORD, json.dumps(asdict(record), indent=2) + "\n")
@@ -162,7 +162,7 @@ def _log_stage_init(params: Params, tags: dict) -> None:
                 mlflow.log_metric(f"keys_{status}", count)
 
 
-def _adopt_stage_run(output_dir: Path, parent_run_id: str) -> None:
+def adopt_stage_run(output_dir: Path, parent_run_id: str) -> None:
     """Nest a training or pre-training run (opened live by the launcher) under the pipeline's run, if not yet."""
 
     run_id = run_id_of(Path(output_dir))
@@ -221,11 +221,3 @@ def _input_example(first):
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (128, 64, 32)).save(buffer, format="PNG")
     return pd.DataFrame({"image": [pyfunc.encode_image(buffer.getvalue()), ""], "text": ["", "a photo of a bag."]})
-
-
-def log_ablation_table(params: Params, markdown: str) -> None:
-    """The ablation's table as `ablation.md` of a summary run in the ablation's experiment."""
-    client = connect(params)
-    mlflow.set_experiment(experiment_id=experiment_id(client, params))
-    with mlflow.start_run(run_name="ablation-table", tags={"evaclip.stage": "ablation"}):
-        mlflow.log_text(markdown, "ablation.md")

@@ -14,6 +14,7 @@ from evaclip.ablation import (
     best_lr,
     cell_key,
     mean_curve,
+    pretrain_params,
     samples_to_reach,
     summarize,
     table,
@@ -40,6 +41,7 @@ def test_an_arm_changes_what_it_names_and_keeps_the_rest(base, tmp_path):
     assert curve.init.vision is None and (curve.eval.every_n_steps, curve.eval.every_n_steps_samples) == (30, 500)
     timing = arm_params(base, ARMS_BY_NAME["attn-math-fp32"], 0, 2e-3, None, tmp_path, steps=20)
     assert (timing.model.attention, timing.train.precision, timing.train.steps) == ("math", "fp32", 20)
+    assert timing.train.log_every == 5 and timing.init.vision is None  # time only: several intervals, any weights
 
 
 def test_a_cell_key_follows_what_decides_the_result_and_not_where_it_is_written(base, tmp_path):
@@ -52,6 +54,12 @@ def test_a_cell_key_follows_what_decides_the_result_and_not_where_it_is_written(
     # The pre-training section decides a run's result only through its EVA (whose key is an input).
     longer = base.model_copy(update={"pretrain": base.pretrain.model_copy(update={"steps": 999})})
     assert key == cell_key(arm_params(longer, arm, 0, 2e-3, Path("a"), tmp_path), "run", {"eva": "e1"})
+    # ... and a pre-training's result does not depend on the students' steps, only on the hardware it shares.
+    fewer = base.model_copy(update={"train": base.train.model_copy(update={"steps": 50})})
+    assert cell_key(pretrain_params(base, Path("t"), 100, tmp_path), "pretrain", {"teacher": "t1"}) == cell_key(
+        pretrain_params(fewer, Path("u"), 100, tmp_path / "u"), "pretrain", {"teacher": "t1"})
+    assert cell_key(pretrain_params(base, Path("t"), 100, tmp_path), "pretrain", {"teacher": "t1"}) != cell_key(
+        pretrain_params(base, Path("t"), 400, tmp_path), "pretrain", {"teacher": "t1"})
 
 
 def _cell(arm, seed, top1, curve=(), lr=2e-3, seconds=100.0):
@@ -86,8 +94,14 @@ def test_the_report_gives_mean_and_spread_per_row_and_names_the_missing_cells():
     eva = next(r for r in summary["rows"] if r["arm"] == "eva-lamb")
     assert eva["zeroshot_top1"]["mean"] == pytest.approx(0.72) and eva["zeroshot_top1"]["std"] == pytest.approx(0.0283, abs=1e-4)
     assert [s["seed"] for s in eva["seeds"]] == [0, 1] and eva["config"]["lr"] == 2e-3
-    # EVA's mean curve (0.5 at 100, 0.65 at 200) reaches random init's final 0.5 at 100 samples: half its budget.
-    assert summary["eva_samples"]["eva_init_samples"] == 100.0 and summary["eva_samples"]["ratio"] == 0.5
+    # EVA's mean curve (0.5 at 100, 0.65 at 200) reaches random init's final 0.5 at 100 samples, random init at 200.
+    eva_samples = summary["eva_samples"]
+    assert eva_samples["samples_to_target"] == {"random-lamb": 200.0, "eva-lamb": 100.0} and eva_samples["ratio"] == 0.5
+    assert eva_samples["top1_at_budget"] == pytest.approx({"random-lamb": 0.5, "eva-lamb": 0.65})
+    assert eva_samples["budget_samples"] == 200
+    given = summarize({"steps": 100}, arms, [0, 1], rows, {"lamb": 2e-3}, {}, target_top1=0.6)["eva_samples"]
+    assert given["samples_to_target"]["eva-lamb"] == pytest.approx(100 + 100 * 0.1 / 0.15)
+    assert given["samples_to_target"]["random-lamb"] is None and given["ratio"] is None  # not within the budget
     text = table(summary)
     assert "| EVA init, LAMB (masking 0.5) | 0.002 | 2/2 | 72.0 ± 2.8 |" in text
     assert "| EVA init, LAMB, no masking | 0.002 | 0/2 | - |" in text

@@ -13,6 +13,7 @@ import itertools
 import json
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,6 +304,7 @@ class PeriodicEvaluation(BaseCallback):
     def on_step(self, step, metrics):
         if self.every and step % self.every == 0 and self.evalset.kind == "classification":
             was_training = self.model.training
+            started = time.perf_counter()
             self.model.eval()
             try:
                 result = zero_shot_classification(self.model, self.evalset, self.preprocess, self.tokenizer,
@@ -311,3 +313,4 @@ class PeriodicEvaluation(BaseCallback):
             finally:
                 self.model.train(was_training)
             metrics.update({f"eval_{k}": v for k, v in result.metrics.items()})  # eval_samples: the subset's size
+            metrics["eval_seconds"] = time.perf_counter() - started  # what a training time can leave out

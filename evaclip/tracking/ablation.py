@@ -33,8 +33,9 @@ def finished_cells(params: Params) -> dict[str, Cell]:
     cells = {}
     for run in runs:
         tags = run.data.tags
-        if KEY_TAG not in tags:
-            continue
+        if KEY_TAG not in tags or not {"evaclip.ablation.kind", "evaclip.ablation.arm", "evaclip.ablation.seed",
+                                       "evaclip.ablation.lr"} <= set(tags):
+            continue  # not a cell, or one logged by hand without its description
         metrics = run.data.metrics
         cell = Cell(tags["evaclip.ablation.kind"], tags["evaclip.ablation.arm"], int(tags["evaclip.ablation.seed"]),
                     float(tags["evaclip.ablation.lr"]), tags[KEY_TAG], run_id=run.info.run_id,

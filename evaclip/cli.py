@@ -7,9 +7,11 @@ function that the Prefect flows and `dvc.yaml` call.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -49,6 +51,51 @@ def _load(params: Path, profile: Optional[str], overrides: Optional[list[str]]) 
     return load_params(path, overrides or [])
 
 
+# Set while `invoke` runs a verb in this process (a flow's stage): where output lines go; errors are raised.
+_in_process: contextvars.ContextVar[Optional[Callable[[str], None]]] = contextvars.ContextVar("in_process", default=None)
+
+
+class _LineSink:
+    """A text stream that hands each complete line to `on_line` (what rich's consoles write to)."""
+
+    def __init__(self, on_line: Callable[[str], None]):
+        self.on_line, self.pending = on_line, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self.on_line(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.on_line(self.pending)
+            self.pending = ""
+
+    def isatty(self) -> bool:
+        return False
+
+
+def invoke(argv: list[str], on_output: Callable[[str], None]) -> None:
+    """`evaclip ARGV` in this process, as dvc.yaml's stage command would run it in a new one.
+
+    Its output (and its training processes') goes line by line to `on_output`; an error is raised, not
+    printed. The flows run stages this way: a new process would import torch again (seconds per stage).
+    """
+    sink = _LineSink(on_output)
+    token = _in_process.set(sink.on_line)
+    files = out.file, err.file
+    out.file = err.file = sink
+    try:
+        code = typer.main.get_command(app).main(argv, prog_name="evaclip", standalone_mode=False)
+    finally:
+        sink.flush()
+        out.file, err.file = files
+        _in_process.reset(token)
+    if code:  # a typer.Exit with a code, from a verb's own checks
+        raise EvaclipError(f"`evaclip {' '.join(argv)}` exited with code {code}")
+
+
 def _reports_errors(command):
     """Print an EvaclipError as one clear message (no traceback) and exit with its code."""
 
@@ -57,6 +104,8 @@ def _reports_errors(command):
         try:
             return command(*args, **kwargs)
         except EvaclipError as error:
+            if _in_process.get():  # the caller (a flow) reports it
+                raise
             err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(error.exit_code) from None
 
@@ -123,7 +172,7 @@ def pretrain(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
     from .tracking.store import run_id_of  # torch, DeepSpeed and MLflow: seconds of imports a no-op skips
     from .train import launch
 
-    checkpoint = launch(cfg, stage="pretrain", node_rank=node_rank)
+    checkpoint = launch(cfg, stage="pretrain", node_rank=node_rank, on_output=_in_process.get())
     run_id = run_id_of(checkpoint.parent)
     out.print(f"EVA checkpoint: {checkpoint} (MLflow run {run_id})")
     out.print(f"initialize from it: evaclip init -s init.vision={checkpoint}")
@@ -142,7 +191,7 @@ def train(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, s
     from .train import launch
 
     cfg = _load(params, profile, set_)
-    model_path = launch(cfg, node_rank=node_rank)
+    model_path = launch(cfg, node_rank=node_rank, on_output=_in_process.get())
     out.print(f"trained model: {model_path}")
 
 
@@ -157,7 +206,7 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
     from .eval import evaluate as run_evaluation
 
     cfg = _load(params, profile, set_)
-    result = run_evaluation(cfg)
+    result = run_evaluation(cfg, progress=_in_process.get() is None)  # no bar in a flow's log
     for set_result in result.sets:
         shown = ", ".join(f"{k} {v:.3f}" for k, v in set_result.metrics.items() if k != "samples")
         out.print(f"{set_result.name}: {shown}")

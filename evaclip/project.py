@@ -4,12 +4,13 @@
 of what ran. Everything that runs stages (the Prefect flow, `dvc repro`, a user) goes through DVC, so
 they all agree about what is current.
 
-DVC is driven through its command line with the project as working directory: its Python API resolves
-paths against the process's current directory, which a library cannot assume.
+Stages run through DVC's Python API in this process (`reproduce`), with the project as the working directory
+for the call (the API resolves paths against it); the other DVC commands run as `dvc` processes in the project.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -28,6 +29,9 @@ from filelock import FileLock
 
 from .config import load_params
 from .errors import ConfigError, EvaclipError
+
+# Runs `evaclip ARGV` in this process, its output line by line to the callable (evaclip.cli.invoke).
+RunVerb = Callable[[list[str], Callable[[str], None]], None]
 
 # What a flow run wrote into params.yaml, and the text it started from (see `run_params`).
 RUN_PARAMS_RECORD = Path(".dvc/tmp/evaclip-run-params.json")
@@ -121,13 +125,99 @@ def changed(root: Path, stage: str) -> bool:
 
 
 def reproduce(root: Path, stage: str, force: bool = False, on_output: Optional[Callable[[str], None]] = None,
-              env: Optional[dict] = None) -> bool:
-    """`dvc repro --single-item STAGE`: runs it if it changed (or `force`); returns whether it ran."""
-    if not force and not changed(root, stage):
-        return False
-    # -q: the stage command's own output only, without DVC's hints (git add dvc.lock, dvc push...)
-    dvc(["repro", "-q", "--single-item", *(["--force"] if force else []), stage], root, on_output, env)
+              env: Optional[dict] = None, run_verb: Optional[RunVerb] = None) -> bool:
+    """`dvc repro --single-item STAGE`; returns whether the stage ran. `env` is set for its command.
+
+    DVC decides, through its Python API in this process, whether the stage changed (or `force`). A command that
+    is an evaclip verb (`bin/evaclip VERB ...`, every stage of ours) then runs here through `run_verb(ARGV,
+    on_output)` (`evaclip.cli.invoke`, which the flows pass), when this process's evaclip is the project's own
+    code; DVC's API removes the outputs
+    first, restores them from its run cache instead when these inputs ran before, and records the run in
+    dvc.lock and its cache, as `dvc repro` does. Three processes per stage (dvc status, dvc repro, the verb,
+    each importing DVC or torch again) cost ~7 s per stage on 2 cores. Anything else (another command,
+    data.dvc's import, a project whose evaclip/ differs from the code loaded here) runs as `dvc repro -q
+    --single-item STAGE`, its output piped to `on_output` as well.
+    """
+    from dvc.repo import Repo, lock_repo
+
+    with contextlib.chdir(root), _environment(env or {}):
+        with Repo(str(root)) as repo:
+            with lock_repo(repo):
+                (target,) = repo.stage.collect(stage)
+                if not force and not target.changed():
+                    return False
+                verb = evaclip_verb(target.cmd) if run_verb and not target.frozen and runs_project_code(root) else None
+            if verb is not None:
+                _reproduce_here(repo, target, lambda: run_verb(verb, on_output or print), force)
+                return True
+        # -q: the stage command's own output only, without DVC's hints (git add dvc.lock, dvc push...)
+        dvc(["repro", "-q", "--single-item", *(["--force"] if force else []), stage], root, on_output)
     return True
+
+
+def _reproduce_here(repo, target, run: Callable[[], None], force: bool) -> None:
+    """What `dvc repro` does for a changed stage (dvc/stage/__init__.py `Stage.run`), the command run in-process."""
+    from dvc.repo import lock_repo
+    from dvc.stage.cache import RunCacheNotFoundError
+
+    with lock_repo(repo):
+        target.remove_outs(ignore_remove=False, force=False)
+        try:
+            if force:
+                raise RunCacheNotFoundError(target)
+            repo.stage_cache.restore(target)
+            restored = True
+        except RunCacheNotFoundError:
+            restored = False
+    if not restored:  # without DVC's lock, as `dvc repro` runs a command: `dvc status` may look meanwhile
+        run()
+    with lock_repo(repo):
+        cached = all(out.use_cache for out in target.outs if not (out.is_metric or out.is_plot))
+        target.save(run_cache=cached)
+        target.commit()
+        target.dump(update_pipeline=False)
+
+
+def evaclip_verb(cmd: Any) -> Optional[list[str]]:
+    """The arguments of a stage command that runs the evaclip CLI (`bin/evaclip VERB ...`), else None."""
+    import shlex
+
+    if not isinstance(cmd, str) or any(c in cmd for c in ";&|<>$`\n"):
+        return None
+    words = shlex.split(cmd)
+    return words[1:] if words and words[0] in ("bin/evaclip", "evaclip") else None
+
+
+def runs_project_code(root: Path) -> bool:
+    """Whether the evaclip package loaded here is the project's evaclip/: the same folder, or the same files.
+
+    Otherwise a stage run in this process would run other code than the code dvc.lock records for it.
+    """
+    import evaclip
+
+    here, there = Path(evaclip.__file__).parent.resolve(), (root / "evaclip").resolve()
+    if here == there:
+        return True
+
+    def files(folder: Path) -> dict[Path, Path]:
+        return {p.relative_to(folder): p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+    ours, theirs = files(here), files(there)
+    return ours.keys() == theirs.keys() and all(ours[k].read_bytes() == theirs[k].read_bytes() for k in ours)
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def save_experiment(root: Path, name: str) -> str:

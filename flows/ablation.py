@@ -49,6 +49,7 @@ from evaclip.ablation import (
     table,
     teacher_params,
 )
+from evaclip.cli import invoke
 from evaclip.config import Params, load_params
 from evaclip.errors import ConfigError
 from flows.pipeline import PipelineParameters, base_file, overrides_of
@@ -80,7 +81,7 @@ class AblationParameters(PipelineParameters):
 def prepare_data(root: Path) -> None:
     """The project's data, as the pipeline makes it: dvc.yaml's stages up to `prepare` (skipped when current)."""
     for name, target in project.stages(root).items():
-        project.reproduce(root, target, on_output=get_run_logger().info)
+        project.reproduce(root, target, on_output=get_run_logger().info, run_verb=invoke)
         if name == "prepare":
             return
 

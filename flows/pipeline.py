@@ -3,8 +3,8 @@
     evaclip pipeline                              # the whole pipeline in this project, ephemeral Prefect
     python -m flows.pipeline                      # the same
 
-The stages are dvc.yaml's: each task is `dvc repro --single-item STAGE`, so DVC decides what is current and
-dvc.lock records what ran; `dvc status` is clean after every flow run. A run's inputs (overrides from the
+The stages are dvc.yaml's: each task is `dvc repro --single-item STAGE`, run through DVC's API in this process
+(an evaclip command too: `project.reproduce`), so DVC decides what is current and dvc.lock records what ran; `dvc status` is clean after every flow run. A run's inputs (overrides from the
 Prefect form or `-s`, the bootstrap's teacher) are written to params.yaml first. The run is then saved as a
 DVC experiment, whose name and commit, with dvc.lock's digests, go onto its MLflow runs and model version.
 Retries are declared where failures are transient (the DVC remote, the MLflow server; never on
@@ -26,6 +26,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from evaclip import project
+from evaclip.cli import invoke
 from evaclip.config import Params, load_params, profile_path
 from evaclip.locations import remote_sources
 from evaclip.tracking import RECORD, Decision, TrackingRecord, champion_uri, register_and_promote
@@ -99,7 +100,8 @@ def run_stage(root: Path, stage: str, force: bool, parent_run_id: str) -> dict:
     """`dvc repro --single-item STAGE`: DVC runs it if its code, params or inputs changed (or `force`)."""
     logger = get_run_logger()
     started = time.perf_counter()
-    ran = project.reproduce(root, stage, force, on_output=logger.info, env={PARENT_RUN_ENV: parent_run_id})
+    ran = project.reproduce(root, stage, force, on_output=logger.info, env={PARENT_RUN_ENV: parent_run_id},
+                            run_verb=invoke)
     if not ran:
         logger.info(f"{stage}: unchanged since dvc.lock recorded it, skipped")
     return {"skipped": not ran, "seconds": round(time.perf_counter() - started, 1)}

@@ -222,6 +222,10 @@ def launch(params: Params, master_port: Optional[int] = None, env: Optional[dict
         from ..tracking import live
 
         live.close_run(params, run_env[RUN_ID_ENV], succeeded=returncode == 0, stopped=signum is not None)
+    if signum is not None and callable(signal.getsignal(signum)):
+        # A handler of this process's own (a Prefect flow running the stage in-process): it gets the signal too,
+        # now that the ranks have saved, as it would have without the forwarding.
+        signal.raise_signal(signum)
     if returncode != 0:
         error = EvaclipError(f"{stage} failed (exit code {returncode}); what it saved is kept in {out}")
         if signum is not None:

@@ -5,7 +5,11 @@ The library never imports Prefect or flows/: the verbs that run a flow live here
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,6 +18,7 @@ from rich.markup import escape
 
 from evaclip.cli import ParamsOpt, ProfileOpt, SetOpt, _load, _reports_errors, app, out
 from evaclip.config import Params
+from evaclip.errors import EvaclipError
 
 
 @app.command()
@@ -28,13 +33,99 @@ def pipeline(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
     from the file as you left it. Stages whose code, parameters and inputs did not change are skipped.
     Without a Prefect server (PREFECT_API_URL) it runs on a temporary local one.
     """
-    from flows.pipeline import PipelineParameters
-    from flows.pipeline import pipeline as pipeline_flow
-
     cfg = _load(params, profile, set_)  # fail on a bad configuration before Prefect starts
-    summary = pipeline_flow(PipelineParameters(params_file=str(params), profile=profile, overrides=set_ or [],
-                                               force=force, bootstrap=bootstrap))
+    with _prefect_api() as api:
+        from flows.pipeline import PipelineParameters
+        from flows.pipeline import pipeline as pipeline_flow
+
+        with api.ready():
+            summary = pipeline_flow(PipelineParameters(params_file=str(params), profile=profile,
+                                                       overrides=set_ or [], force=force, bootstrap=bootstrap))
     _print_summary(cfg, summary)
+
+
+@contextlib.contextmanager
+def _prefect_api():
+    """The flows' Prefect API: the configured server (PREFECT_API_URL), else a temporary local one for this command.
+
+    Prefect would start that one itself as the flow starts (its ephemeral mode): it imports its whole server
+    into this process first (3 s here), then waits for the server process (7 s; 13 s on a new PREFECT_HOME,
+    which it migrates). Started here the way Prefect starts it (uvicorn on its app factory, UI off, ephemeral
+    settings), it comes up while this process imports the flow's libraries; `with api.ready():` then waits for
+    it and points Prefect at it. Stopped when this process exits, as Prefect stops it: after Prefect's own exit
+    handlers have sent the last logs and events.
+
+        with _prefect_api() as api:
+            from flows.pipeline import pipeline     # meanwhile, the server starts
+            with api.ready():
+                pipeline()
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    yield _ConfiguredPrefectServer() if PREFECT_API_URL.value() else _TemporaryPrefectServer()
+
+
+class _ConfiguredPrefectServer:
+    def ready(self):
+        return contextlib.nullcontext()
+
+
+class _TemporaryPrefectServer:
+    """prefect.server.api.server.SubprocessASGIServer's process, without importing the server here."""
+
+    def __init__(self):
+        self.process = self._start()
+        atexit.register(self.stop)  # first registered, last run
+
+    def _start(self):
+        import socket
+        import subprocess
+
+        with contextlib.closing(socket.socket()) as probe:  # a free port (Prefect draws one, and retries too)
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        env = dict(os.environ, PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1", PREFECT__SERVER_FINAL="1")
+        return subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+                                 "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error",
+                                 "--lifespan", "on"], env=env)
+
+    @contextlib.contextmanager
+    def ready(self):
+        import httpx
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+            temporary_settings,
+        )
+
+        timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() == 3:  # uvicorn's exit code when the port was taken meanwhile
+                self.process = self._start()
+            url = f"http://127.0.0.1:{self.port}/api"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if self.process.poll() not in (None, 3) or time.monotonic() > deadline:
+                raise EvaclipError(
+                    f"the temporary Prefect server on {url} did not answer within {timeout:.0f} s "
+                    "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS) or it exited (its output is above); "
+                    "or point PREFECT_API_URL at a running server (make serve)")
+            time.sleep(0.1)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 def _print_summary(cfg: Params, summary: dict) -> None:
@@ -96,15 +187,17 @@ def ablation(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
     token masking 0 / 0.5 / 0.75 with and without unmasked tuning, sdpa against math attention (time). Cells
     already finished in MLflow are not run again. Writes outputs/ablation/ (table.md, ablation.json, curves.png).
     """
-    from flows.ablation import AblationParameters
-    from flows.ablation import ablation as ablation_flow
-
     _load(params, profile, set_)
     fields = {"arms": arms.split(",")} if arms else {}
-    result = ablation_flow(AblationParameters(
-        params_file=str(params), profile=profile, overrides=set_ or [], seeds=[int(s) for s in seeds.split(",")],
-        steps=steps, teacher=str(teacher) if teacher else None, eva_checkpoint=str(eva) if eva else None,
-        max_new_cells=max_new_cells, results_file=str(results) if results else None, **fields))
+    with _prefect_api() as api:
+        from flows.ablation import AblationParameters
+        from flows.ablation import ablation as ablation_flow
+
+        with api.ready():
+            result = ablation_flow(AblationParameters(
+                params_file=str(params), profile=profile, overrides=set_ or [], seeds=[int(s) for s in seeds.split(",")],
+                steps=steps, teacher=str(teacher) if teacher else None, eva_checkpoint=str(eva) if eva else None,
+                max_new_cells=max_new_cells, results_file=str(results) if results else None, **fields))
     out.print(result["table"], highlight=False)
 
 

@@ -224,3 +224,48 @@ def test_the_ablation_study_runs_its_cells_once_and_reports_what_is_missing(pref
     assert len(reports) == 2 and {a.path for a in client.list_artifacts(reports[0].info.run_id)} >= {
         "ablation.md", "ablation.json", "curves.png"}
 
+
+
+def test_evaclip_pipeline_without_a_prefect_server_runs_on_a_temporary_one_it_stops(tmp_path):
+    """`make demo`'s command: no PREFECT_API_URL, so a local Prefect server for this run, its history in
+    PREFECT_HOME, gone afterwards; one that cannot start gets an error that says what to do."""
+    import sqlite3
+
+    source = red_blue_pairs(tmp_path / "pairs", 32)
+    evalset = tmp_path / "eval"
+    for name, color in (("red", (250, 0, 5)), ("blue", (5, 0, 250))):
+        (evalset / name).mkdir(parents=True)
+        (evalset / name / "0.png").write_bytes(png(color, size=(32, 32)))
+    root = make_project(tmp_path / "project", [
+        "model.name=evaclip-micro", "data.source=pairs", f"data.path={source}", "data.samples_per_shard=16",
+        "data.workers=0", "train.steps=2", "train.warmup_steps=1", "train.batch_size=16", "train.devices=1",
+        f"eval.sets=[{evalset}]", "eval.templates=simple"])
+    home = tmp_path / "prefect"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(home), PYTHONPATH=str(REPO), EVACLIP_HOME=str(root))
+    command = [sys.executable, "-m", "flows.cli", "pipeline"]
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-3000:]
+    assert "zero-shot top-1" in output and "promoted" in output
+    with contextlib.closing(sqlite3.connect(home / "prefect.db")) as db:  # the run, in PREFECT_HOME's history
+        runs = db.execute("select f.name, r.state_type from flow_run r join flow f on f.id = r.flow_id").fetchall()
+    assert runs == [("evaclip-pipeline", "COMPLETED")]
+    assert not _prefect_servers(home)  # stopped with the command
+
+    failed = subprocess.run(command, cwd=root, env=dict(env, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0"),
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and "temporary Prefect server" in failed.stderr, failed.stderr[-3000:]
+    assert "PREFECT_API_URL" in failed.stderr and not _prefect_servers(home)
+
+
+def _prefect_servers(home) -> list:
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if "prefect.server.api.server:create_app" in " ".join(process.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                if process.environ().get("PREFECT_HOME") == str(home):
+                    found.append(process)
+    return found

@@ -223,12 +223,17 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 def save_experiment(root: Path, name: str) -> str:
     """Record the workspace (params.yaml, dvc.lock, code) as a DVC experiment; returns its git commit.
 
-    `dvc exp apply NAME` brings it back and `dvc repro` (or `dvc pull`) rebuilds its outputs.
+    `dvc exp apply NAME` brings it back and `dvc repro` (or `dvc pull`) rebuilds its outputs. DVC's API in this
+    process: `dvc exp save --force --include-untracked dvc.lock -n NAME` without a process importing DVC again.
     """
-    dvc(["exp", "save", "--force", "--include-untracked", "dvc.lock", "-n", name], root)
-    ref = subprocess.run(["git", "for-each-ref", "--format=%(objectname)", f"refs/exps/**/{name}"], cwd=root,
-                         capture_output=True, text=True, check=True).stdout.split()
-    return ref[0] if ref else ""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    with contextlib.chdir(root), Repo(str(root)) as repo:
+        try:
+            return repo.experiments.save(name=name, force=True, include_untracked=["dvc.lock"]) or ""
+        except DvcException as error:
+            raise EvaclipError(f"`dvc exp save -n {name}` failed in {root}: {error}") from error
 
 
 def push(root: Path, remote: Optional[str] = None, attempts: int = 5,
@@ -238,8 +243,11 @@ def push(root: Path, remote: Optional[str] = None, attempts: int = 5,
     A remote that stops answering part-way (a restarting S3 server) gets `attempts` tries, 2, 4, 8 .. s apart:
     `dvc push` sends only what the remote lacks, so a retry finishes the transfer. `on_retry(attempt, error)`.
     """
-    remotes = dvc(["remote", "list"], root)
-    if not (remote or remotes.strip()):
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:  # what `dvc remote list` lists: every config level's remotes
+        remotes = list(repo.config.get("remote", {}))
+    if not (remote or remotes):
         return
     for attempt in range(1, attempts + 1):
         try:

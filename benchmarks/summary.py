@@ -6,10 +6,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 from results_io import RESULTS, machine
 
-# (summary key, result file, path in the file, what it is, goal)
+# bench_demo.py run on a subset of its arms writes its own file: a key both hold comes from the newer code.
+DEMO_FILES = ("demo_ab", "demo_ab-flow-direct")
+
+# (summary key, result file(s), path in the file, what it is, goal)
 HEADLINES = [
     ("masking_step_ratio_0_5", "model-evaclip-demo", ["masking_step_ratio_0_5"],
      "vision-tower step, masking 0.5 / 0 (demo)", "<= 0.55"),
@@ -35,12 +39,14 @@ HEADLINES = [
      "seconds to write the manifest of 20,000 remote shards", "< 60"),
     ("eval_images_per_s", "eval", ["images_per_s"], "evaluate stage, 10k images / its wall time (demo)", ""),
     ("eval_over_clip_benchmark", "eval", ["eval_over_clip_benchmark"],
-     "CLIP_benchmark's classifier + loop / our whole evaluate stage, same model and images", ">= 1.0"),
-    ("demo_time_ratio", "demo_ab", ["demo_time_ratio"], "demo pipeline wall time, this commit / the baseline's",
+     "CLIP_benchmark's classifier + loop / our whole evaluate stage in the flow, same model and images", ">= 1.0"),
+    ("eval_process_over_clip_benchmark", "eval", ["eval_process_over_clip_benchmark"],
+     "the same, our stage as a fresh `evaclip evaluate` process (dvc repro's way)", ""),
+    ("demo_time_ratio", DEMO_FILES, ["demo_time_ratio"], "demo pipeline wall time, this commit / the baseline's",
      "<= 0.5"),
-    ("demo_zeroshot_top1", "demo_ab", ["demo_zeroshot_top1"], "the demo's zero-shot top-1 (10k test, 80 templates)",
+    ("demo_zeroshot_top1", DEMO_FILES, ["demo_zeroshot_top1"], "the demo's zero-shot top-1 (10k test, 80 templates)",
      ">= 0.75"),
-    ("orchestration_overhead", "demo_ab", ["orchestration_overhead"],
+    ("orchestration_overhead", DEMO_FILES, ["orchestration_overhead"],
      "extra wall time of Prefect + DVC + MLflow on the full demo (measured)", "<= 0.05"),
     ("gpu_masking_speedup_0_5", "gpu", ["masking_speedup_0_5"], "GPU samples/s, masking 0.5 / 0 (B/16)", ""),
     ("gpu_mfu", "gpu", ["runs", "bf16_mask0", "mfu"], "GPU model FLOP utilization, bf16, masking 0 (B/16)", ">= 0.40"),
@@ -49,17 +55,40 @@ HEADLINES = [
 ]
 
 
+def lookup(name: str, path: list[str]):
+    file = RESULTS / f"{name}.json"
+    value = json.loads(file.read_text()) if file.is_file() else None
+    for part in path:
+        value = value.get(part) if isinstance(value, dict) else None
+    return value  # None: not measured, or a results file from before this key existed
+
+
+def measured_commit(name: str) -> str:
+    """The commit a demo result measured (its flow arm's), to tell which of two files is newer."""
+    return json.loads((RESULTS / f"{name}.json").read_text())["runs"]["flow"][0]["commit"]
+
+
+def newer(a: str, b: str) -> bool:
+    """Whether result `a` measured code that descends from `b`'s (git history decides, not file times)."""
+    return subprocess.run(["git", "merge-base", "--is-ancestor", measured_commit(b), measured_commit(a)],
+                          cwd=RESULTS, capture_output=True).returncode == 0
+
+
+def value_of(files, path: list[str]):
+    if isinstance(files, str):
+        return lookup(files, path)
+    found = [name for name in files if lookup(name, path) is not None]
+    for name in found:
+        if all(other == name or newer(name, other) for other in found):
+            return lookup(name, path)
+    return lookup(found[0], path) if found else None
+
+
 def main() -> None:
     summary, rows = {}, []
-    for key, name, path, what, goal in HEADLINES:
-        file = RESULTS / f"{name}.json"
-        if not file.is_file():
-            rows.append(f"| {what} | not measured | {goal} |")
-            continue
-        value = json.loads(file.read_text())
-        for part in path:
-            value = value.get(part) if isinstance(value, dict) else None
-        if value is None:  # a results file from before this key existed
+    for key, files, path, what, goal in HEADLINES:
+        value = value_of(files, path)
+        if value is None:
             rows.append(f"| {what} | not measured | {goal} |")
             continue
         summary[key] = value

@@ -10,13 +10,14 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
 
-from evaclip.cli import ParamsOpt, ProfileOpt, SetOpt, _load, _reports_errors, app, out
+from evaclip.cli import ParamsOpt, ProfileOpt, SetOpt, _load, _reports_errors, app, out, skip_final_collection
 from evaclip.config import Params
 from evaclip.errors import EvaclipError
 
@@ -38,7 +39,7 @@ def pipeline(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
         from flows.pipeline import PipelineParameters
         from flows.pipeline import pipeline as pipeline_flow
 
-        with api.ready():
+        with api.ready(meanwhile=lambda: _warm_up(cfg)):
             summary = pipeline_flow(PipelineParameters(params_file=str(params), profile=profile,
                                                        overrides=set_ or [], force=force, bootstrap=bootstrap))
     _print_summary(cfg, summary)
@@ -65,8 +66,29 @@ def _prefect_api():
     yield _ConfiguredPrefectServer() if PREFECT_API_URL.value() else _TemporaryPrefectServer()
 
 
+def _warm_up(cfg: Params) -> None:
+    """While a temporary Prefect server starts (its own process, on the other core), what the flow would do after
+    it: import the libraries of the stages it runs in this process (torch, open_clip, DVC) and create a local
+    MLflow store (its migrations)."""
+    with contextlib.suppress(Exception):  # only a head start: the flow meets, and reports, any problem itself
+        import dvc.repo  # noqa: F401
+
+        import evaclip.data.prepare  # noqa: F401
+        import evaclip.init  # noqa: F401
+        import evaclip.train.launch  # noqa: F401
+        from evaclip import project
+        from evaclip.tracking.store import tracking_uri
+
+        with contextlib.chdir(project.require_root()):  # where the flow resolves the store's path
+            uri = tracking_uri(cfg)
+            if uri.startswith("sqlite:"):
+                from mlflow.tracking import MlflowClient
+
+                MlflowClient(uri).search_experiments(max_results=1)
+
+
 class _ConfiguredPrefectServer:
-    def ready(self):
+    def ready(self, meanwhile=None):
         return contextlib.nullcontext()
 
 
@@ -90,7 +112,8 @@ class _TemporaryPrefectServer:
                                  "--lifespan", "on"], env=env)
 
     @contextlib.contextmanager
-    def ready(self):
+    def ready(self, meanwhile: Optional[Callable[[], None]] = None):
+        """Wait until the server answers (doing `meanwhile` first), then point Prefect at it."""
         import httpx
         from prefect.settings import (
             PREFECT_API_URL,
@@ -100,18 +123,24 @@ class _TemporaryPrefectServer:
 
         timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
         deadline = time.monotonic() + timeout
+        if meanwhile:
+            meanwhile()
+        restarted = False
         while True:
-            if self.process.poll() == 3:  # uvicorn's exit code when the port was taken meanwhile
-                self.process = self._start()
-            url = f"http://127.0.0.1:{self.port}/api"
+            url, code = f"http://127.0.0.1:{self.port}/api", self.process.poll()
+            if code == 3 and not restarted:  # uvicorn could not start: the port, taken meanwhile? Once more
+                self.process, restarted = self._start(), True
+                continue
+            if code is not None:
+                raise EvaclipError(f"the temporary Prefect server exited (code {code}) before it answered; its "
+                                   "output is above. Or point PREFECT_API_URL at a running server (make serve)")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
-            if self.process.poll() not in (None, 3) or time.monotonic() > deadline:
-                raise EvaclipError(
-                    f"the temporary Prefect server on {url} did not answer within {timeout:.0f} s "
-                    "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS) or it exited (its output is above); "
-                    "or point PREFECT_API_URL at a running server (make serve)")
+            if time.monotonic() > deadline:
+                raise EvaclipError(f"the temporary Prefect server on {url} did not answer within {timeout:.0f} s "
+                                   "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS). Or point PREFECT_API_URL "
+                                   "at a running server (make serve)")
             time.sleep(0.1)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield
@@ -202,6 +231,7 @@ def ablation(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
 
 
 def main() -> None:
+    skip_final_collection()
     sys.exit(app())
 
 

@@ -253,10 +253,13 @@ def test_evaclip_pipeline_without_a_prefect_server_runs_on_a_temporary_one_it_st
     assert runs == [("evaclip-pipeline", "COMPLETED")]
     assert not _prefect_servers(home)  # stopped with the command
 
-    failed = subprocess.run(command, cwd=root, env=dict(env, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0"),
-                            capture_output=True, text=True, timeout=300)
-    assert failed.returncode == 1 and "temporary Prefect server" in failed.stderr, failed.stderr[-3000:]
+    # A server that cannot open its database: the command says so (and what else to do), and runs nothing.
+    lock = (root / "dvc.lock").read_text()
+    broken = dict(env, PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path}/no/such/dir/prefect.db")
+    failed = subprocess.run([*command, "--force"], cwd=root, env=broken, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and "the temporary Prefect server exited" in failed.stderr, failed.stderr[-3000:]
     assert "PREFECT_API_URL" in failed.stderr and not _prefect_servers(home)
+    assert (root / "dvc.lock").read_text() == lock
 
 
 def _prefect_servers(home) -> list:

@@ -50,7 +50,7 @@ ablation: setup
 	PREFECT_HOME=$(CURDIR)/outputs/prefect $(BIN)/evaclip ablation --results benchmarks/results/ablation.json $(ABLATION_ARGS)
 
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 lint: setup
 	$(BIN)/ruff check evaclip flows deploy tests benchmarks

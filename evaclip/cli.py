@@ -86,13 +86,12 @@ def invoke(argv: list[str], on_output: Callable[[str], None]) -> None:
     """
     sink = _LineSink(on_output)
     token = _in_process.set(sink.on_line)
-    files = out.file, err.file
     out.file = err.file = sink
     try:
         code = typer.main.get_command(app).main(argv, prog_name="evaclip", standalone_mode=False)
     finally:
         sink.flush()
-        out.file, err.file = files
+        out.file = err.file = None  # back to following sys.stdout / sys.stderr, as created (rich: no file)
         _in_process.reset(token)
     if code:  # a typer.Exit with a code, from a verb's own checks
         raise EvaclipError(f"`evaclip {' '.join(argv)}` exited with code {code}")

@@ -6,6 +6,8 @@ metrics show`) is tested in tests/test_flows.py, whose flow runs each stage thro
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 
@@ -83,3 +85,11 @@ def test_a_flow_runs_an_evaclip_stage_in_its_own_process_and_dvc_records_it_as_d
         evaclip_project.reproduce(project, "prepare", on_output=lines.append, run_verb=invoke)
     assert "dvc repro" not in str(error.value)
     assert (project / "dvc.lock").read_text() == lock
+
+    # The CLI's consoles follow sys.stdout again (a CliRunner's, a terminal's), not the stage's log.
+    from evaclip.cli import out
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        out.print("after the stage")
+    assert "after the stage" in buffer.getvalue()

@@ -2,7 +2,8 @@
 
 - `baseline`: the pipeline of an earlier commit (`--baseline`, default: the one before the performance work),
   as `make demo` runs it (`evaclip pipeline --bootstrap`, its first run: random initialization);
-- `flow`: the same for this checkout's commit;
+- `flow`: the same for this checkout's commit, after `make stores` (part of `make setup` since issue 17: the local
+  Prefect and MLflow databases, migrated), timed apart as `setup_seconds`;
 - `direct`: this commit's stages called as library functions in one plain process (prepare, pretrain's
   no-op skipped, init, train, evaluate), with no Prefect, no DVC and no MLflow (`tracking.enabled=false`).
 
@@ -77,10 +78,16 @@ def environment(root: Path) -> dict:
 def run_arm(arm: str, rev: str, work: Path, rep: int) -> dict:
     root = clone(rev, work / f"{arm}-{rep}")
     python = str(VENV / "bin" / "python")
+    setup = None
     if arm == "direct":  # the source files where data.dvc would import them from
         command = [python, "-c", DIRECT, "data.path=/usr/share/datasets/fashion-mnist", "tracking.enabled=false"]
     else:
         command = [python, "-m", "flows.cli", "pipeline", "--bootstrap"]  # the `evaclip` script, this clone's code
+        if arm == "flow":  # what `make setup` does besides installing: the local stores, timed apart
+            began = time.perf_counter()
+            subprocess.run(["make", "-s", "-o", ".venv/.installed", "stores"], cwd=root, env=environment(root),
+                           check=True, capture_output=True)
+            setup = round(time.perf_counter() - began, 1)
     started = time.perf_counter()
     result = subprocess.run(command, cwd=root, env=environment(root), capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -94,7 +101,7 @@ def run_arm(arm: str, rev: str, work: Path, rep: int) -> dict:
               re.findall(r"[│|]\s*(\w+)\s*[│|]\s*(ran|skipped \(unchanged\))\s*[│|]\s*([\d.]+)\s*[│|]", log)}
     if arm == "direct":  # the plain process's own stage times, to set beside the flow's
         stages = json.loads(log.split("DIRECT_STAGES", 1)[1].splitlines()[0])
-    return {"seconds": round(seconds, 1), "zeroshot_top1": top1, "steps": rows[-1]["step"],
+    return {"seconds": round(seconds, 1), "setup_seconds": setup, "zeroshot_top1": top1, "steps": rows[-1]["step"],
             "train_samples_per_s": statistics.median(r["samples_per_s"] for r in rows[1:] or rows),
             "stages": stages, "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                                        text=True).stdout.strip()}

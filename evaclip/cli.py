@@ -7,10 +7,8 @@ function that the Prefect flows and `dvc.yaml` call.
 
 from __future__ import annotations
 
-import atexit
 import contextvars
 import functools
-import gc
 import shutil
 import sys
 from collections.abc import Callable
@@ -23,6 +21,7 @@ from rich.markup import escape
 
 from .config import Params, load_params, profile_path
 from .errors import EvaclipError
+from .process import skip_final_collection
 
 app = typer.Typer(
     help="Train EVA-CLIP models and ship them through a model registry.\n\n"
@@ -289,14 +288,6 @@ def config_use(
         out.print(f"previous {params} kept as {backup}")
     shutil.copyfile(source, params)
     out.print(f"{params} now holds profile {profile!r}")
-
-
-def skip_final_collection() -> None:
-    """At exit, after every other exit handler (registered first, it runs last): leave the objects alive then
-    out of the interpreter's final garbage collection, which walks all that torch, MLflow, Prefect and DVC
-    made: seconds of every command on 2 cores. Files are closed and logs flushed by then
-    (context managers, the libraries' own exit handlers); objects are still released as the modules go."""
-    atexit.register(gc.freeze)
 
 
 def main() -> None:  # pragma: no cover - `python -m evaclip.cli` (dvc.yaml's stages)

@@ -17,9 +17,10 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from evaclip.cli import ParamsOpt, ProfileOpt, SetOpt, _load, _reports_errors, app, out, skip_final_collection
+from evaclip.cli import ParamsOpt, ProfileOpt, SetOpt, _load, _reports_errors, app, out
 from evaclip.config import Params
 from evaclip.errors import EvaclipError
+from evaclip.process import skip_final_collection
 
 
 @app.command()

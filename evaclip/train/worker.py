@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import load_params
 from ..errors import EvaclipError
+from ..process import skip_final_collection
 from .callbacks import MetricsFile, ProgressBar
 from .launch import stage_output_dir
 
@@ -26,6 +27,7 @@ def run_worker(run, stage: str, argv: list[str] | None = None) -> int:
     parser.add_argument("--params", required=True, type=Path)
     parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
     args = parser.parse_args(argv)
+    skip_final_collection()
     params = load_params(args.params)
     out = stage_output_dir(params, stage)
     # torch deprecation notices from inside open_clip's loss and DeepSpeed, once per step and rank.

@@ -210,7 +210,10 @@ def test_the_pipeline_runs_as_its_identity_through_cancellation_preemption_and_r
     _wait_for(lambda: len(_logged_steps(project)) >= first_stop + 3)
     worker = stack.processes.pop("prefect-worker")
     worker.terminate()
-    worker.wait(timeout=120)
+    try:
+        worker.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the worker did not exit within 120 s of SIGTERM:\n" + _worker_logs(stack))
     _wait_for(lambda: not _training_processes(project) and _latest(project) != f"step_{first_stop:07d}")
     second_stop = _logged_steps(project)[-1]
     assert _latest(project) == f"step_{second_stop:07d}" and first_stop < second_stop < steps

@@ -142,6 +142,14 @@ def ensure_mlflow_users(uri: str, admin: tuple[str, str], users: dict[str, str])
             raise StackError(f"MLflow: setting {username}'s password failed ({answer.status_code}): {answer.text[:300]}")
 
 
+def _default_signals() -> None:
+    """In a service's process, before it starts: SIGINT and SIGTERM handled by default and not blocked, whatever
+    the starting process ignores or blocks (a child inherits both), so that stopping a service stops it."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 class Stack:
     """Start with `with Stack(state, project) as stack:`; `stack.env` holds what the pipeline's clients need."""
 
@@ -358,7 +366,8 @@ class Stack:
     def _spawn(self, name: str, command: list[str], extra_env: dict[str, str] | None = None) -> None:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it open
         self.processes[name] = subprocess.Popen(command, cwd=self.project, env=self._process_env(extra_env),
-                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                                preexec_fn=_default_signals)
 
     def _prefect(self, *args: str) -> str:
         result = subprocess.run([str(BIN / "prefect"), *args], cwd=self.project, env=self._process_env(),

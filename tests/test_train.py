@@ -46,7 +46,8 @@ def test_lamb_is_timms_lamb_on_whole_tensors():
     timm_params = [p.detach().clone().requires_grad_(True) for p in ours_params]
     groups = lambda ps: [{"params": ps[:2], "weight_decay": 0.05}, {"params": ps[2:], "weight_decay": 0.0}]  # noqa: E731
     ours = Lamb(groups(ours_params), lr=1e-2, betas=(0.9, 0.98), eps=1e-6)
-    theirs = TimmLamb(groups(timm_params), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, max_grad_norm=None)
+    # foreach=True: timm's multi-tensor arithmetic (bias corrections folded into scalars), which ours follows.
+    theirs = TimmLamb(groups(timm_params), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, max_grad_norm=None, foreach=True)
     for _ in range(5):
         for p, q in zip(ours_params, timm_params, strict=True):
             p.grad = torch.randn_like(p)

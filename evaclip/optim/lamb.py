@@ -10,9 +10,12 @@ per tensor segment, all-reduces those per-tensor sums over the data-parallel gro
 split across ranks), and applies each tensor's own ratio to its segment.
 
 The update rule is timm's `Lamb` (bias correction, grad averaging, adaptation only where weight
-decay applies unless `always_adapt`), without its internal gradient clipping: DeepSpeed clips.
-A test checks that this optimizer equals timm's on plain tensors, and that ZeRO-0 and ZeRO-1 give
-the same parameters. DeepSpeed's own `Lamb` (FusedLamb) is CUDA-only and not ZeRO-aware, so this
+decay applies unless `always_adapt`), without its internal gradient clipping: DeepSpeed clips. Its
+arithmetic is that of timm's multi-tensor path (bias corrections folded into scalars), computed per
+tensor into one reused buffer: 10 passes over a tensor and no allocation, against 13 passes and 3
+tensor-sized allocations in timm's single-tensor form (the CPU's memory bandwidth bounds this step).
+Tests check that this optimizer equals timm's bit for bit on plain tensors, and that ZeRO-0 and
+ZeRO-1 give the same parameters. DeepSpeed's own `Lamb` (FusedLamb) is CUDA-only and not ZeRO-aware, so this
 one runs everywhere, GPUs included.
 """
 
@@ -26,11 +29,11 @@ import torch.distributed as dist
 
 @dataclass
 class _Layout:
-    """How one flat ZeRO partition splits into parameter tensors."""
+    """How one flat ZeRO partition splits into parameter tensors (alignment padding left out)."""
 
-    lengths: torch.Tensor      # elements of each segment in the partition (sums to its size)
-    tensor_ids: torch.Tensor   # the group's tensor index of each segment; -1 for alignment padding
-    num_tensors: int           # tensors in the group (the size of the all-reduced vectors)
+    parts: list[tuple[int, int]]    # (start, length) of each tensor's segment in the partition
+    part_tensor_ids: torch.Tensor   # the group's tensor index of each segment
+    num_tensors: int                # tensors in the group (the size of the all-reduced vectors)
     process_group: object = None
 
 
@@ -49,6 +52,7 @@ class Lamb(torch.optim.Optimizer):
                         bias_correction=bias_correction, always_adapt=always_adapt)
         super().__init__(params, defaults)
         self._layouts: dict[int, _Layout] = {}  # id(flat partition tensor) -> layout
+        self._scratch: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> the update's buffer, reused
 
     def attach_zero_partitions(self, zero_optimizer) -> None:
         """Learn each flat partition's tensor layout from a DeepSpeed ZeRO stage 1/2 optimizer."""
@@ -73,7 +77,11 @@ class Lamb(torch.optim.Optimizer):
             group["step"] = group.get("step", 0) + 1
             step = group["step"]
             correction1 = 1 - beta1**step if group["bias_correction"] else 1.0
-            correction2 = 1 - beta2**step if group["bias_correction"] else 1.0
+            sqrt_correction2 = (1 - beta2**step) ** 0.5 if group["bias_correction"] else 1.0
+            # As timm's multi-tensor LAMB, the bias corrections fold into scalars, saving passes over the tensors:
+            # m̂ / (sqrt(v̂) + eps) == scale * m / (sqrt(v) + eps * sqrt(c2)), scale = sqrt(c2) / c1.
+            scale = sqrt_correction2 / correction1
+            weight_decay, lr = group["weight_decay"], group["lr"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -85,31 +93,43 @@ class Lamb(torch.optim.Optimizer):
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (exp_avg_sq.sqrt() / correction2**0.5).add_(group["eps"])
-                update = (exp_avg / correction1).div_(denom)
-                if group["weight_decay"] != 0:
-                    update.add_(p, alpha=group["weight_decay"])
-                if group["weight_decay"] != 0 or group["always_adapt"]:
-                    update.mul_(self._trust_ratio(p, update))
-                p.add_(update, alpha=-group["lr"])
+                # The unscaled update, weight decay included, in a reused buffer: no allocation per tensor.
+                update = self._scratch_like(p)
+                torch.sqrt(exp_avg_sq, out=update).add_(group["eps"] * sqrt_correction2)
+                torch.div(exp_avg, update, out=update)
+                if weight_decay != 0:
+                    update.add_(p, alpha=weight_decay / scale)
+                if weight_decay != 0 or group["always_adapt"]:
+                    self._apply_adapted(p, update, scale, -lr * scale)
+                else:
+                    p.add_(update, alpha=-lr * scale)
         return loss
 
-    def _trust_ratio(self, p: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    def _scratch_like(self, p: torch.Tensor) -> torch.Tensor:
+        key = (p.device, p.dtype)
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < p.numel():
+            buffer = self._scratch[key] = torch.empty(p.numel(), device=p.device, dtype=p.dtype)
+        return buffer[: p.numel()].view_as(p)
+
+    def _apply_adapted(self, p: torch.Tensor, update: torch.Tensor, scale: float, step_size: float) -> None:
+        """p += step_size * trust_ratio * update, with the ratio of each parameter tensor (ZeRO: each segment's)."""
         layout = self._layouts.get(id(p))
         if layout is None:  # a whole tensor: its own ratio
-            return _ratio(p.norm(2.0), update.norm(2.0))
+            p.addcmul_(update, _ratio(p.norm(2.0), update.norm(2.0) * scale) * step_size)
+            return
         # Per-tensor sums of squares over this rank's segments, summed over the ranks holding parts.
-        sums = torch.zeros(2, layout.num_tensors + 1, dtype=torch.float32, device=p.device)
-        target = torch.where(layout.tensor_ids < 0, layout.num_tensors, layout.tensor_ids).to(p.device)
-        lengths = layout.lengths.to(p.device)
-        for row, values in enumerate((p, update)):
-            per_segment = torch.segment_reduce(values.float().pow(2), "sum", lengths=lengths)
-            sums[row].index_add_(0, target, per_segment)
-        if dist.is_initialized():
+        p_parts = [p.narrow(0, start, length) for start, length in layout.parts]
+        u_parts = [update.narrow(0, start, length) for start, length in layout.parts]
+        sums = torch.zeros(2, layout.num_tensors, dtype=torch.float32, device=p.device)
+        index = layout.part_tensor_ids.to(p.device)
+        for row, parts in enumerate((p_parts, u_parts) if layout.parts else ()):
+            sums[row].index_add_(0, index, torch.stack(torch._foreach_norm(parts)).float().square())
+        if dist.is_initialized():  # every rank joins, also one whose partition holds only padding
             dist.all_reduce(sums, group=layout.process_group)
-        ratios = _ratio(sums[0].sqrt(), sums[1].sqrt())
-        ratios[layout.num_tensors] = 1.0  # padding
-        return ratios[target].repeat_interleave(lengths).to(update.dtype)
+        if layout.parts:
+            step_sizes = (_ratio(sums[0].sqrt(), sums[1].sqrt() * scale) * step_size)[index].to(p.dtype)
+            torch._foreach_addcmul_(p_parts, u_parts, list(step_sizes.unbind()))
 
 
 def _ratio(weight_norm: torch.Tensor, update_norm: torch.Tensor) -> torch.Tensor:
@@ -119,21 +139,12 @@ def _ratio(weight_norm: torch.Tensor, update_norm: torch.Tensor) -> torch.Tensor
 
 
 def _segments(offsets: list[int], numels: list[int], start: int, size: int, process_group) -> _Layout:
-    """Cut [start, start + size) of a flat buffer into the tensors (and padding) it holds."""
+    """The tensors' segments within [start, start + size) of a flat buffer, relative to `start`."""
     end = start + size
-    lengths, tensor_ids = [], []
-    position = start
+    parts, tensor_ids = [], []
     for index, (offset, numel) in enumerate(zip(offsets, numels, strict=True)):
         lo, hi = max(offset, start), min(offset + numel, end)
-        if hi <= lo:
-            continue
-        if lo > position:  # alignment padding before this tensor
-            lengths.append(lo - position)
-            tensor_ids.append(-1)
-        lengths.append(hi - lo)
-        tensor_ids.append(index)
-        position = hi
-    if position < end:  # padding at the end of the buffer
-        lengths.append(end - position)
-        tensor_ids.append(-1)
-    return _Layout(torch.tensor(lengths), torch.tensor(tensor_ids), len(numels), process_group)
+        if hi > lo:
+            parts.append((lo - start, hi - lo))
+            tensor_ids.append(index)
+    return _Layout(parts, torch.tensor(tensor_ids, dtype=torch.long), len(numels), process_group)

@@ -6,10 +6,10 @@
   on a GPU also the peak allocated memory.
 - The ZeRO-aware LAMB step on a rank's flat partition (per-tensor trust ratios from segment sums)
   against the plain per-tensor LAMB step on the same parameters (one process: the all-reduce of the
-  per-tensor sums is not included).
-Writes benchmarks/results/train-MODEL.json.
+  per-tensor sums is not included), and timm's `Lamb` (single- and multi-tensor) on them as a reference.
+Writes benchmarks/results/train-MODEL.json (or --name).
 
-    python benchmarks/bench_train.py [--model evaclip-demo] [--batch 64] [--reps 5]
+    python benchmarks/bench_train.py [--model evaclip-demo] [--batch 64] [--reps 5] [--name NAME]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 import open_clip
 import torch
 from results_io import save
+from timm.optim import Lamb as TimmLamb
 
 from evaclip.config import ModelConfig, TrainConfig
 from evaclip.data.sources import FASHION_MNIST_CLASSES
@@ -67,22 +68,35 @@ def zero_lamb_step_ratio(model, reps: int) -> dict:
     flat = torch.nn.Parameter(torch.cat([p.detach().flatten() for p in params])[:half].clone())
     zero = Lamb([{"params": [flat], "weight_decay": 0.05}], lr=1e-3)
     zero._layouts[id(flat)] = _segments(offsets, numels, 0, half, None)
-    plain_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    plain = Lamb([{"params": plain_params, "weight_decay": 0.05}], lr=1e-3)
-    times = {"zero1_partition": [], "per_tensor": []}
+    whole = {name: [torch.nn.Parameter(p.detach().clone()) for p in params]
+             for name in ("per_tensor", "timm_single_tensor", "timm_foreach")}
+    group = lambda ps: [{"params": ps, "weight_decay": 0.05}]  # noqa: E731
+    optimizers = {
+        "zero1_partition": zero,
+        "per_tensor": Lamb(group(whole["per_tensor"]), lr=1e-3),
+        "timm_single_tensor": TimmLamb(group(whole["timm_single_tensor"]), lr=1e-3, betas=(0.9, 0.98), eps=1e-6,
+                                       max_grad_norm=None, foreach=False),
+        "timm_foreach": TimmLamb(group(whole["timm_foreach"]), lr=1e-3, betas=(0.9, 0.98), eps=1e-6,
+                                 max_grad_norm=None, foreach=True),
+    }
+    times = {name: [] for name in optimizers}
     for rep in range(reps + 1):
         flat.grad = torch.randn_like(flat)
-        for p in plain_params:
-            p.grad = torch.randn_like(p)
-        for name, opt in (("zero1_partition", zero), ("per_tensor", plain)):
+        grads = [torch.randn_like(p) for p in params]
+        for ps in whole.values():
+            for p, grad in zip(ps, grads, strict=True):
+                p.grad = grad
+        for name, opt in optimizers.items():
             start = time.perf_counter()
             opt.step()
             if rep:
                 times[name].append(time.perf_counter() - start)
+    median = {k: statistics.median(v) for k, v in times.items()}
     # Per element: the partition holds half of the elements.
-    per_element = {k: statistics.median(v) / (half if k == "zero1_partition" else sum(numels)) for k, v in times.items()}
-    return {"median_s": {k: statistics.median(v) for k, v in times.items()},
-            "per_element_ratio": per_element["zero1_partition"] / per_element["per_tensor"]}
+    return {"median_s": median,
+            "per_element_ratio": (median["zero1_partition"] / half) / (median["per_tensor"] / sum(numels)),
+            "timm_single_tensor_over_per_tensor": median["timm_single_tensor"] / median["per_tensor"],
+            "timm_foreach_over_per_tensor": median["timm_foreach"] / median["per_tensor"]}
 
 
 def main() -> None:
@@ -90,6 +104,7 @@ def main() -> None:
     parser.add_argument("--model", default="evaclip-demo")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--name", default=None, help="results file name (default: train-MODEL)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,13 +144,15 @@ def main() -> None:
         "activation_ratio_mask_0_5": saved["mask_0.5"] / saved["mask_0.0"],
         "zero1_lamb": zero_lamb_step_ratio(model.cpu(), args.reps),
     }
-    save(f"train-{args.model}", result)
+    save(args.name or f"train-{args.model}", result)
     print(f"\n| training step ({args.model}, batch {args.batch}, {device}) | median (s) | ratio | saved activations (MB) |")
     print("|---|---|---|---|")
     for name, value in median.items():
         print(f"| {name} | {value:.3f} | {value / median['mask_0.0']:.2f} | {saved[name] / 2**20:.1f} |")
-    print(f"| LAMB step, ZeRO-1 partition vs per tensor (per element) | | "
-          f"{result['zero1_lamb']['per_element_ratio']:.2f} | |")
+    lamb = result["zero1_lamb"]
+    print(f"| LAMB step, ZeRO-1 partition vs per tensor (per element) | | {lamb['per_element_ratio']:.2f} | |")
+    print(f"| LAMB step, timm single-tensor / ours per tensor | {lamb['median_s']['timm_single_tensor']:.3f} | "
+          f"{lamb['timm_single_tensor_over_per_tensor']:.2f} | |")
 
 
 if __name__ == "__main__":

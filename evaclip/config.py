@@ -159,7 +159,8 @@ class TrainConfig(_Section):
     nodes: int = Field(1, gt=0)
     grad_accum_steps: int = Field(1, gt=0)
     grad_clip: Optional[float] = Field(5.0, gt=0)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="auto: bf16 where the hardware computes in it, else fp16 on GPUs, fp32 on CPUs")
     fp16_initial_scale_power: int = Field(16, ge=0, description="fp16 dynamic loss scale starts at 2^this")
     fp16_loss_scale_window: int = Field(1000, gt=0)
     fp16_hysteresis: int = Field(2, gt=0)

@@ -19,6 +19,7 @@ import yaml
 
 from evaclip.config import load_params
 from evaclip.data.loader import data_manifest_version
+from evaclip.precision import resolve_precision
 
 from .conftest import REPO, make_project, sh
 from .test_data import png, red_blue_pairs
@@ -54,7 +55,7 @@ def first_run(prefect_api, tmp_path_factory):
         f"eval.sets=[{evalset}]", "eval.templates=simple",
     ], remote=tmp_path / "remote")
     # From the Prefect form. The towers' lr too: train.lr alone moves only logit_scale's, by less than a bf16
-    # step in 6 steps (the demo profile trains in bf16), so the two runs would write the same bytes.
+    # step in 6 steps (the demo profile trains in bf16 on CPUs that have it), so the two runs would write the same bytes.
     overrides = ["train.lr=0.003", "train.visual_lr=0.003"]
     os.environ["EVACLIP_HOME"] = str(root)  # what the deployments set; the flow runs in that project
     try:
@@ -97,6 +98,7 @@ def test_the_flow_runs_dvc_stages_so_dvc_has_nothing_left_to_do(first_run):
     train_run = client.get_run(summary["train_run_id"])
     assert train_run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
     assert train_run.data.tags["dvc.experiment_rev"] == summary["dvc"]["dvc.experiment_rev"]
+    assert train_run.data.tags["evaclip.precision"] == resolve_precision("auto")  # params.yaml's `auto`, as it ran
     assert [m.step for m in client.get_metric_history(train_run.info.run_id, "loss")] == [2, 4, 6]
     with contextlib.chdir(root):  # the training shards' identities, as the run and the model version record them
         manifest = data_manifest_version(load_params("params.yaml").data)[:16]

@@ -29,6 +29,7 @@ from ..config import Params
 from ..data.evalsets import EvalSet, load_eval_set
 from ..errors import ConfigError
 from ..model import create_model, create_transforms, get_tokenizer, pool_early
+from ..precision import DTYPES, resolve_precision
 from ..train.callbacks import BaseCallback
 
 
@@ -97,7 +98,7 @@ def evaluation_device(params: Params) -> tuple[torch.device, torch.dtype]:
     """Where and in what precision training ran: the first GPU if there is one, in `train.precision` (fp16
     only on a GPU: a model trained in fp16 is evaluated in fp32 on a CPU)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[params.train.precision]
+    dtype = DTYPES[resolve_precision(params.train.precision, device)]
     return device, torch.float32 if dtype == torch.float16 and device.type == "cpu" else dtype
 
 

@@ -64,7 +64,7 @@ class Lamb(torch.optim.Optimizer):
             process_group = zero_optimizer.real_dp_process_group[group_index]
             rank = dist.get_rank(group=process_group)
             assert flat.numel() == size, "ZeRO partition size mismatch"
-            self._layouts[id(flat)] = _segments(offsets, numels, rank * size, size, process_group)
+            self._layouts[id(flat)] = _segments(offsets, numels, rank * size, size, process_group, flat.device)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -79,7 +79,8 @@ class Lamb(torch.optim.Optimizer):
             correction1 = 1 - beta1**step if group["bias_correction"] else 1.0
             sqrt_correction2 = (1 - beta2**step) ** 0.5 if group["bias_correction"] else 1.0
             # As timm's multi-tensor LAMB, the bias corrections fold into scalars, saving passes over the tensors:
-            # m̂ / (sqrt(v̂) + eps) == scale * m / (sqrt(v) + eps * sqrt(c2)), scale = sqrt(c2) / c1.
+            # m̂ / (sqrt(v̂) + eps) == scale * m / (sqrt(v) + eps * sqrt(c2)), scale = sqrt(c2) / c1. (timm keeps
+            # them apart for fp16 parameters, where eps * sqrt(c2) can underflow; DeepSpeed hands us fp32 ones.)
             scale = sqrt_correction2 / correction1
             weight_decay, lr = group["weight_decay"], group["lr"]
             for p in group["params"]:
@@ -122,7 +123,7 @@ class Lamb(torch.optim.Optimizer):
         p_parts = [p.narrow(0, start, length) for start, length in layout.parts]
         u_parts = [update.narrow(0, start, length) for start, length in layout.parts]
         sums = torch.zeros(2, layout.num_tensors, dtype=torch.float32, device=p.device)
-        index = layout.part_tensor_ids.to(p.device)
+        index = layout.part_tensor_ids
         for row, parts in enumerate((p_parts, u_parts) if layout.parts else ()):
             sums[row].index_add_(0, index, torch.stack(torch._foreach_norm(parts)).float().square())
         if dist.is_initialized():  # every rank joins, also one whose partition holds only padding
@@ -138,7 +139,8 @@ def _ratio(weight_norm: torch.Tensor, update_norm: torch.Tensor) -> torch.Tensor
     return torch.where(weight_norm > 0, torch.where(update_norm > 0, weight_norm / update_norm, one), one)
 
 
-def _segments(offsets: list[int], numels: list[int], start: int, size: int, process_group) -> _Layout:
+def _segments(offsets: list[int], numels: list[int], start: int, size: int, process_group,
+              device: torch.device | str = "cpu") -> _Layout:
     """The tensors' segments within [start, start + size) of a flat buffer, relative to `start`."""
     end = start + size
     parts, tensor_ids = [], []
@@ -147,4 +149,4 @@ def _segments(offsets: list[int], numels: list[int], start: int, size: int, proc
         if hi > lo:
             parts.append((lo - start, hi - lo))
             tensor_ids.append(index)
-    return _Layout(parts, torch.tensor(tensor_ids, dtype=torch.long), len(numels), process_group)
+    return _Layout(parts, torch.tensor(tensor_ids, dtype=torch.long, device=device), len(numels), process_group)

@@ -20,6 +20,7 @@ from ..config import Params, TrainConfig
 from ..data import make_train_loader
 from ..model import create_transforms, sdpa_kernels_for
 from ..optim import lr_multiplier
+from ..precision import DTYPES, resolve_precision
 from ..train.callbacks import Callback
 from ..train.distributed import init_distributed
 from ..train.ds_config import clip_gradients, deepspeed_config
@@ -71,7 +72,7 @@ def pretrain(params: Params, callbacks: list[Callback] = ()) -> PretrainResult:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg)),
     )
     device = engine.device
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16 if cfg.precision == "fp16" else torch.float32
+    dtype = DTYPES[resolve_precision(cfg.precision)]
     teacher.to(device)
     transform, _ = create_transforms(params.model.name)
     masks = torch.Generator().manual_seed(cfg.seed * 1000 + rank)

@@ -211,6 +211,8 @@ class MlflowLogger(BaseCallback):
         client = mlflow.MlflowClient()
         mlflow.set_experiment(experiment_id=client.get_run(self.run_id).info.experiment_id)
         self.run = mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
+        if info.get("precision"):  # what `train.precision: auto` became on this hardware
+            mlflow.set_tag("evaclip.precision", info["precision"])
         self.outbox = Outbox(client, self.run_id, Path(self.out or ".") / "unsent_metrics.jsonl")
 
     def on_step(self, step, metrics):

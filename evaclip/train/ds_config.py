@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..config import TrainConfig
+from ..precision import resolve_precision
 
 
 def deepspeed_clips(cfg: TrainConfig) -> bool:
@@ -12,7 +13,7 @@ def deepspeed_clips(cfg: TrainConfig) -> bool:
     which fails on 0-dim parameters such as open_clip's `logit_scale`; those runs clip with
     `clip_gradients` (the same global norm: every rank holds the full averaged gradients).
     """
-    return not (cfg.zero_stage == 0 and cfg.precision == "fp32")
+    return not (cfg.zero_stage == 0 and resolve_precision(cfg.precision) == "fp32")
 
 
 def clip_gradients(engine, cfg: TrainConfig) -> None:
@@ -37,7 +38,8 @@ def deepspeed_config(cfg: TrainConfig, load_universal: bool = False) -> dict:
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
-    if cfg.precision == "fp16":
+    precision = resolve_precision(cfg.precision)
+    if precision == "fp16":
         config["fp16"] = {
             "enabled": True,
             "loss_scale": 0,  # dynamic
@@ -46,6 +48,6 @@ def deepspeed_config(cfg: TrainConfig, load_universal: bool = False) -> dict:
             "hysteresis": cfg.fp16_hysteresis,
             "min_loss_scale": 1,
         }
-    elif cfg.precision == "bf16":
+    elif precision == "bf16":
         config["bf16"] = {"enabled": True}
     return config

@@ -31,6 +31,7 @@ from ..model import (
     trim_text_padding,
 )
 from ..optim import Lamb, create_optimizer, lr_multiplier
+from ..precision import DTYPES, resolve_precision
 from . import checkpoints
 from .callbacks import Callback
 from .distributed import init_distributed
@@ -114,13 +115,14 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
                        rank=rank, world_size=world)
     train_transform, _ = create_transforms(params.model.name)
     tokenizer = get_tokenizer(params.model.name)
+    precision = resolve_precision(cfg.precision)  # `auto`: this process's hardware
     for callback in callbacks:
         callback.on_train_start({"steps": cfg.steps, "start_step": state["step"], "world_size": world,
-                                 "model": engine.module,
+                                 "model": engine.module, "precision": precision,
                                  "resumed_from": str(latest) if latest else None,
                                  "init_checkpoint": str(start) if start else None})
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    dtype = DTYPES[precision]
     last_logged = state["step"]
     nonfinite, loss_value = 0, float("nan")
     micro = 0

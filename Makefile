@@ -63,7 +63,7 @@ ablation: setup
 	PREFECT_HOME=$(CURDIR)/outputs/prefect $(BIN)/evaclip ablation --results benchmarks/results/ablation.json $(ABLATION_ARGS)
 
 test: setup
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q --durations=15 -n auto --maxprocesses 4 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check evaclip flows deploy tests benchmarks

@@ -7,16 +7,17 @@ at each precision of `--precisions`:
   (bf16 weights and activations, fp32 master weights and optimizer state), theirs `--precision amp_bf16`
   (fp32 weights, bf16 autocast). `--precision pure_bf16`, bf16 weights with no fp32 master copy, would
   be a different optimizer and is not compared.
-`peer_samples_per_s_ratio` is the ratio at params.yaml's `train.precision` (the demo's); every
-precision's ratio is kept under `by_precision`.
+`peer_samples_per_s_ratio` is the ratio at params.yaml's `train.precision` (the demo's; `auto` resolved for
+this machine: bf16 where it computes in bf16, else fp32 on CPUs); every precision's ratio is kept under
+`by_precision`.
 
 Per-step samples/s come from each trainer's own step log (ours: metrics.jsonl with train.log_every=1;
 theirs: the `Batch (t): ..., N/s` lines), the first warm-up steps dropped, median. Peak memory: the
 largest resident set of any process of the run (ru_maxrss of a wrapper's children), on a GPU also what
-each trainer reports. Runs alternate: ours, theirs, ours, theirs. Writes benchmarks/results/peer.json.
+each trainer reports. Runs alternate: ours, theirs, ours, theirs. Writes benchmarks/results/peer.json (or --name).
 
     python benchmarks/bench_peer.py [--steps 15] [--reps 2] [--batch 128] [--procs 2] [--masking 0.5]
-                                    [--precisions fp32,bf16]
+                                    [--precisions fp32,bf16] [--name peer]
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    parser.add_argument("--name", default="peer", help="results file name (another machine's: keep both)")
     args = parser.parse_args()
     precisions = args.precisions.split(",")
     if unknown := set(precisions) - set(THEIR_PRECISION):
@@ -123,8 +125,9 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS=threads, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     sys.path.insert(0, str(REPO))
     from evaclip.config import load_params
+    from evaclip.precision import resolve_precision
 
-    default = load_params(REPO / "params.yaml").train.precision
+    default = resolve_precision(load_params(REPO / "params.yaml").train.precision)  # `auto`: this machine's pick
     runs = {p: {"evaclip": [], "open_clip_train": []} for p in precisions}
     with tempfile.TemporaryDirectory(prefix="evaclip-peer-") as tmp:
         for rep in range(args.reps):  # alternate: ours, theirs, at each precision, then again
@@ -146,7 +149,7 @@ def main() -> None:
         "peer_samples_per_s_ratio": by_precision[headline]["peer_samples_per_s_ratio"],
         "peer_memory_ratio": by_precision[headline]["peer_memory_ratio"],
     }
-    save("peer", result)
+    save(args.name, result)
     print(f"\n| trainer ({args.model}, {args.procs} x batch {args.batch}, masking {args.masking}, LAMB) "
           "| precision | samples/s (median) | max RSS (GiB) |")
     print("|---|---|---|---|")

@@ -35,6 +35,8 @@ HEADLINES = [
     ("peer_samples_per_s_ratio_fp32", "peer", ["by_precision", "fp32", "peer_samples_per_s_ratio"],
      "samples/s, evaclip train / open_clip_train, both fp32", ">= 1.25"),
     ("peer_memory_ratio", "peer", ["peer_memory_ratio"], "peak RSS, evaclip train / open_clip_train", ""),
+    ("peer_samples_per_s_ratio_avx2", "peer-avx2", ["peer_samples_per_s_ratio"],
+     "the same on an AVX2 CPU without bf16, both fp32 (`auto`'s pick there)", ">= 1.25"),
     ("loader_over_consumption", "loader", ["loader_over_consumption", "workers_2"],
      "loader images/s (2 workers) / training consumption", ">= 2"),
     ("s3_over_local_images_per_s", "streaming", ["s3_over_local_images_per_s"],

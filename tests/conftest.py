@@ -6,10 +6,12 @@ the published formats are (timm, original EVA/EVA-02 MIM, EVA-CLIP, open_clip, O
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,10 @@ from evaclip.config import load_params
 from evaclip.model import create_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Flows run outside `prefect_test_harness` start Prefect's ephemeral server on PREFECT_HOME's database: one of
+# this session's own (each xdist worker's), never the user's ~/.prefect. Set before Prefect is imported.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="evaclip-tests-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)  # after Prefect's server stops
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 

@@ -92,8 +92,8 @@ class Lamb(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 # Adam's direction m̂ / (sqrt(v̂) + eps), and the moments' update, in one pass of PyTorch's fused
-                # Adam kernel (CPU and CUDA): run on a zeroed buffer with lr -1, its "param - lr * direction"
-                # leaves the direction there.
+                # Adam kernel (CPU and CUDA; the op behind `torch.optim.Adam(fused=True)`): run on a zeroed buffer
+                # with lr -1, its "param - lr * direction" leaves the direction there.
                 update = self._scratch_like(p).zero_()
                 torch._fused_adam_([update], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [],
                                    [self._step_tensor(group, p.device)], lr=-1.0, beta1=beta1, beta2=beta2,

@@ -17,9 +17,9 @@ slower, with model loading and logging counted on our side only); `eval_process_
 for `ours_process`. Also the zero-shot
 top-1 of each, which must agree. Needs `pip install --no-deps clip-benchmark==1.6.2` (its other
 dependencies, transformers and pycocoevalcap, serve parts not used here; `make bench` installs it so).
-Writes benchmarks/results/eval.json.
+Writes benchmarks/results/eval.json (or --name).
 
-    python benchmarks/bench_eval.py [--checkpoint outputs/train/model.safetensors] [--reps 2] [--workers 2]
+    python benchmarks/bench_eval.py [--checkpoint outputs/train/model.safetensors] [--reps 2] [--workers 2] [--name eval]
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="outputs/train/model.safetensors")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="clip_benchmark's DataLoader workers")
+    parser.add_argument("--name", default="eval", help="results file name (another machine's: keep both)")
     args = parser.parse_args()
     try:
         import clip_benchmark  # noqa: F401
@@ -133,7 +134,7 @@ def main() -> None:
               "eval_over_clip_benchmark": seconds["clip_benchmark"] / seconds["ours"],
               "eval_process_over_clip_benchmark": seconds["clip_benchmark"] / seconds["ours_process"],
               "images_per_s": runs["ours"][0]["images"] / seconds["ours"]}
-    save("eval", result)
+    save(args.name, result)
     print(f"\n| zero-shot evaluation ({params.model.name}, 10k test split, 80 templates) | seconds | top-1 |")
     print("|---|---|---|")
     print(f"| evaluate stage in the flow's process (reports, MLflow logging) | {seconds['ours']:.1f} | "

@@ -48,6 +48,8 @@ HEADLINES = [
      "CLIP_benchmark's classifier + loop / our whole evaluate stage in the flow, same model and images", ">= 1.0"),
     ("eval_process_over_clip_benchmark", "eval", ["eval_process_over_clip_benchmark"],
      "the same, our stage as a fresh `evaclip evaluate` process (dvc repro's way)", ""),
+    ("eval_over_clip_benchmark_avx2", "eval-avx2", ["eval_over_clip_benchmark"],
+     "the same as the flow runs it, on an AVX2 CPU without bf16 (fp32)", ">= 1.0"),
     ("demo_time_ratio", DEMO_FILES, ["demo_time_ratio"], "demo pipeline wall time, this commit / the baseline's",
      "<= 0.5"),
     ("demo_zeroshot_top1", DEMO_FILES, ["demo_zeroshot_top1"], "the demo's zero-shot top-1 (10k test, 80 templates)",

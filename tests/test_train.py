@@ -112,7 +112,7 @@ def test_fp16_uses_eva_clips_dynamic_loss_scaling():
     ds = deepspeed_config(cfg)
     assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                           "hysteresis": 2, "min_loss_scale": 1}
-    assert ds["train_batch_size"] == 64 and ds["zero_optimization"] == {"stage": 1}
+    assert ds["train_batch_size"] == 64 and ds["zero_optimization"]["stage"] == 1
     assert ds["gradient_clipping"] == 5.0
 
 

@@ -24,6 +24,19 @@ def clip_gradients(engine, cfg: TrainConfig) -> None:
         torch.nn.utils.clip_grad_norm_(engine.module.parameters(), cfg.grad_clip)
 
 
+def zero_optimization(cfg: TrainConfig) -> dict:
+    import torch
+
+    zero = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 1 and not torch.cuda.is_available():
+        # ZeRO-1's default "reduce-scatter" all-reduces the gradient bucket anyway (multi-rank buckets), after
+        # copying it into per-rank slices and before copying them back. On gloo, reducing the bucket in place
+        # is the same all-reduce without those copies: 100-160 ms per demo step against 150-340 (2 CPU ranks,
+        # measured side by side). GPUs keep DeepSpeed's default.
+        zero["reduce_scatter"] = False
+    return zero
+
+
 def deepspeed_config(cfg: TrainConfig, load_universal: bool = False) -> dict:
     """`load_universal`: the resume reads a universal checkpoint (written on another number of processes)."""
     config = {
@@ -31,7 +44,7 @@ def deepspeed_config(cfg: TrainConfig, load_universal: bool = False) -> dict:
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "train_batch_size": cfg.global_batch_size,
         "gradient_clipping": (cfg.grad_clip or 0.0) if deepspeed_clips(cfg) else 0.0,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero_optimization(cfg),
         # Our LAMB is a client optimizer; it is ZeRO-aware (see evaclip.optim.lamb).
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,

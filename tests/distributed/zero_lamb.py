@@ -12,13 +12,13 @@ from timm.optim import Lamb as TimmLamb
 from evaclip.config import ModelConfig, TrainConfig
 from evaclip.model import create_model
 from evaclip.optim import create_optimizer, lr_multiplier, param_groups
+from evaclip.train.distributed import init_distributed
 from evaclip.train.ds_config import clip_gradients, deepspeed_config
 
 stage, optimizer_name, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 clip = float(sys.argv[4]) if len(sys.argv) > 4 else 1.0
 steps = int(sys.argv[5]) if len(sys.argv) > 5 else 4
-deepspeed.init_distributed(dist_backend="gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
+rank, world = init_distributed()  # as training joins: gloo here, with its parameter all-gather
 cfg = TrainConfig(steps=steps, batch_size=4, devices=2, warmup_steps=1, zero_stage=stage, lr=2e-2, grad_clip=clip or None, optimizer="adamw" if optimizer_name == "adamw" else "lamb")
 torch.manual_seed(0)
 model = create_model(ModelConfig(name="evaclip-micro"))

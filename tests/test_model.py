@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import open_clip
 import pytest
 import torch
@@ -9,6 +12,7 @@ import torch
 from evaclip.config import ModelConfig
 from evaclip.errors import EvaclipError
 from evaclip.model import create_model, get_tokenizer, set_attention_backend, set_token_masking
+from evaclip.model_configs import model_config
 
 
 def _tokens_entering_first_block(model, images):
@@ -83,6 +87,20 @@ def test_flash_attn_backend_explains_what_it_needs():
 def test_unknown_model_name_lists_the_choices():
     with pytest.raises(EvaclipError, match="model.name: unknown model 'EVA02-X-99'.*evaclip-demo"):
         create_model(ModelConfig(name="EVA02-X-99"))
+    with pytest.raises(EvaclipError, match="model.name: 'ViT-B-32' has no timm vision tower"):
+        model_config("ViT-B-32")
+
+
+def test_the_launcher_reads_model_configs_as_open_clip_does_without_importing_it():
+    # `evaclip train` checks the name before it starts the ranks; open_clip (timm, torchvision) costs seconds.
+    code = ("import sys; import evaclip.train.launch; from evaclip.model_configs import model_config; "
+            "print([model_config(n)['embed_dim'] for n in ('evaclip-demo', 'EVA02-B-16')]); "
+            "print(sorted(m for m in ('open_clip', 'timm', 'torchvision', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["[128, 512]", "[]"]
+    create_model(ModelConfig(name="evaclip-micro"))  # registers ours with open_clip
+    for name in ("evaclip-demo", "evaclip-micro", "EVA02-B-16", "EVA02-E-14-plus"):
+        assert model_config(name) == open_clip.get_model_config(name)
 
 
 def test_tokenizer_is_open_clips_bpe_at_the_models_context_length():

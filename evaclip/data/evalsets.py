@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 from PIL import Image
 
 from ..errors import ConfigError
@@ -30,11 +29,18 @@ CLASSNAMES_FILE = "classnames.txt"
 _SYNSET = re.compile(r"^n\d{8}$")
 
 
+# open_clip's metadata is imported where it is read: importing open_clip costs seconds (timm, torchvision),
+# and the launcher of `evaclip train` imports this package for the data manifests alone.
+
 def openai_templates() -> list[str]:
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
     return [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]
 
 
 def simple_templates() -> list[str]:
+    from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
+
     return [t("{c}") for t in SIMPLE_IMAGENET_TEMPLATES]
 
 
@@ -123,6 +129,8 @@ def _clip_benchmark(root: Path) -> EvalSet:
 
 def _image_folder(root: Path, folders: list[str]) -> EvalSet:
     if len(folders) == 1000 and all(_SYNSET.match(f) for f in folders):
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
         classnames, layout = list(IMAGENET_CLASSNAMES), "imagenet"  # open_clip's names, sorted-synset order
     elif (root / CLASSNAMES_FILE).is_file():
         classnames, layout = _read_lines(root / CLASSNAMES_FILE), "image_folder"

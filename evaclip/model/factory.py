@@ -9,8 +9,6 @@ sizes live in `configs/*.json` beside this file; any open_clip config name works
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
 
 import open_clip
 import torch
@@ -18,12 +16,11 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from ..model_configs import CONFIG_DIR, model_config
 from . import eva  # noqa: F401  (registers our EVA-02 tower sizes with timm)
 from .attention import set_attention_backend
 from .eva import pool_vision_early
 from .text import allow_short_text, pool_text_early
-
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def _no_random_init_notice(record: logging.LogRecord) -> bool:
@@ -41,24 +38,10 @@ def _register_configs() -> None:
         _registered = True
 
 
-def model_config(name: str) -> dict[str, Any]:
-    """The open_clip JSON config of model `name` (ours or open_clip's)."""
-    _register_configs()
-    cfg = open_clip.get_model_config(name)
-    if cfg is None:
-        ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-        raise ConfigError(
-            f"model.name: unknown model {name!r}. Ours: {', '.join(ours)}; EVA-CLIP sizes in open_clip: "
-            "EVA02-B-16, EVA02-L-14, EVA02-E-14 (see open_clip.list_models())"
-        )
-    if "timm_model_name" not in cfg.get("vision_cfg", {}):
-        raise ConfigError(f"model.name: {name!r} has no timm vision tower, so it is not an EVA-CLIP model")
-    return cfg
-
-
 def create_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> open_clip.CustomTextCLIP:
     """A randomly initialized EVA-CLIP model configured for training (masking, attention, checkpointing)."""
     model_config(cfg.name)  # validates the name with a clear error
+    _register_configs()
     root = logging.getLogger()
     root.addFilter(_no_random_init_notice)  # untrained on purpose: weights come from `evaclip init` or a checkpoint
     try:

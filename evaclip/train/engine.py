@@ -37,6 +37,7 @@ from .callbacks import Callback
 from .distributed import init_distributed
 from .ds_config import clip_gradients, deepspeed_config
 from .preemption import StopRequest, TrainingStopped
+from .recipe import check_same_recipe, init_checkpoint, run_recipe
 
 DATA_REPORT = "data_report.json"  # shards skipped on every rank, and rank 0's share of each shard set
 MAX_LOGIT_SCALE = 100.0  # open_clip clamps the learned temperature at ln(100)
@@ -52,13 +53,6 @@ class TrainResult:
     steps: int
     samples_seen: int
     final_loss: float
-
-
-def init_checkpoint(params: Params) -> Path | None:
-    if params.train.init_checkpoint is not None:
-        return params.train.init_checkpoint
-    default = Path(params.init.output_dir) / "model.safetensors"
-    return default if default.is_file() else None
 
 
 def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
@@ -83,7 +77,7 @@ def train(params: Params, callbacks: list[Callback] = ()) -> TrainResult:
     resized = False
     if latest is not None:
         saved_state = checkpoints.trainer_state(latest)
-        _check_same_recipe(saved_state.get("recipe", {}), recipe, latest)
+        check_same_recipe(saved_state.get("recipe", {}), recipe, latest)
         resized = saved_state.get("world_size", world) != world
         if resized:
             checkpoints.to_universal(latest)
@@ -212,53 +206,6 @@ def _save(engine, cfg, state: dict, world: int, workers: int, data_report: DataR
     for callback in callbacks:
         callback.on_checkpoint(state["step"], path)
     return path
-
-
-# Settings that may change between a run and its resume; everything else must match.
-_RESUMABLE = {"train.resume", "train.output_dir", "train.log_every", "train.checkpoint_every",
-              "train.keep_checkpoints", "train.launcher", "train.max_nonfinite_steps", "data.workers",
-              "data.read_retries", "data.retry_delay", "data.near_duplicate_bits", "data.dedup_against_eval",
-              # where it runs: any number of nodes and processes, as long as the global batch stays (below)
-              "train.devices", "train.nodes", "train.batch_size", "train.grad_accum_steps", "train.hostfile",
-              "train.rdzv_endpoint", "train.checkpoint_uri", "train.kubernetes"}
-# (what deduplication changed is in data.shards: the manifests' exclusion lists are part of it)
-
-
-def run_recipe(params: Params, init_checkpoint: Path | None = None) -> dict[str, str]:
-    """What defines a training run, flattened: a resume must continue the same recipe, on the same data
-    (the shard checksums of the manifests) from the same initial weights (their SHA-256)."""
-    from ..data.loader import data_manifest_version
-    from ..data.shards import sha256
-
-    flat: dict[str, str] = {}
-    for section in ("model", "train", "data"):
-        for key, value in getattr(params, section).model_dump(mode="json").items():
-            name = f"{section}.{key}"
-            if name not in _RESUMABLE:
-                flat[name] = str(value)
-    flat["train.global_batch_size"] = str(params.train.global_batch_size)
-    flat["data.shards"] = data_manifest_version(params.data)
-    flat["init.weights"] = sha256(Path(init_checkpoint)) if init_checkpoint else "random"
-    return flat
-
-
-def recipe_changes(saved: dict, current: dict) -> list[str]:
-    """The recipe keys whose values differ. Settings that may change between a run and its resume are left
-    out even where an older checkpoint recorded them, and its global batch is worked out from them."""
-    parts = ("train.batch_size", "train.devices", "train.nodes", "train.grad_accum_steps")
-    kept = {k: v for k, v in saved.items() if k not in _RESUMABLE}
-    if saved and "train.global_batch_size" not in saved and all(k in saved for k in parts):
-        kept["train.global_batch_size"] = str(math.prod(int(saved[k]) for k in parts))
-    return sorted(k for k in set(kept) | set(current) if kept.get(k) != current.get(k))
-
-
-def _check_same_recipe(saved: dict, current: dict, checkpoint: Path) -> None:
-    changed = recipe_changes(saved, current)
-    if saved and changed:
-        raise EvaclipError(
-            f"{checkpoint} was written by a different configuration ({', '.join(changed[:8])} changed): "
-            "resuming it would mix two runs. Use another train.output_dir, or train.resume=false to start over."
-        )
 
 
 def clamp_logit_scale(module: torch.nn.Module) -> None:

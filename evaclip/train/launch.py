@@ -28,11 +28,11 @@ import yaml
 from ..checkpoint import atomic_write_text
 from ..config import Params
 from ..errors import ConfigError, EvaclipError
-from ..model import model_config
+from ..model_configs import model_config
 from . import checkpoints
 from .distributed import RUN_ID_ENV
-from .engine import init_checkpoint, recipe_changes, run_recipe
 from .preemption import SHUTDOWN_TIMEOUT_S, SIGNALS, die_with_parent
+from .recipe import check_same_recipe, init_checkpoint, recipe_changes, run_recipe
 
 
 def stage_output_dir(params: Params, stage: str) -> Path:
@@ -117,6 +117,7 @@ def _prepare_resume(params: Params) -> Optional[str]:
     if not acceptable(state):
         checkpoints.remove_all(cfg.output_dir)
         return None
+    check_same_recipe(state.get("recipe", {}), current, latest)  # as the ranks would, before any of them starts
     return state.get("mlflow_run_id")
 
 

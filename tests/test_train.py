@@ -411,7 +411,7 @@ def test_checkpoint_files_belong_to_the_rank_that_wrote_them():
 
 def test_a_recipe_recorded_before_elastic_resume_still_matches():
     """Checkpoints recorded devices and batch size in their recipe: what matters now is the global batch."""
-    from evaclip.train.engine import recipe_changes
+    from evaclip.train.recipe import recipe_changes
 
     current = {"model.name": "m", "train.lr": "0.001", "train.global_batch_size": "32"}
     older = {"model.name": "m", "train.lr": "0.001", "train.devices": "2", "train.nodes": "1",
